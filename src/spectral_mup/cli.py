@@ -1,0 +1,203 @@
+"""The ``smup`` command line. User mistakes end in one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import ConfigError, SmupError
+
+# Coordinate-check LRs at which the base model trains stably for a few steps.
+COORD_LR = {"adamw": 3e-3, "sgd": 0.1}
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def _kinds(text: str) -> list[str]:
+    kinds = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [k for k in kinds if k not in ("sp", "mup")]
+    if bad or not kinds:
+        raise argparse.ArgumentTypeError(f"--param takes sp, mup or sp,mup; got {text!r}")
+    return kinds
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="smup", description="Zero-shot hyperparameter transfer (μP) for every LLM optimizer."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser(
+        "train",
+        help="train one model from a TOML config",
+        description="Train one model. Override any key with --section.key VALUE "
+        "(or --key VALUE when the key is unique), e.g. --optim.lr 0.01.",
+    )
+    train.add_argument("config", help="TOML config file (see configs/)")
+
+    cc = sub.add_parser("coord-check", help="coordinate check over widths and/or depths, SP vs μP")
+    cc.add_argument("--optimizer", default="adamw")
+    cc.add_argument("--lr", type=float, default=None, help="base LR (default: per optimizer)")
+    cc.add_argument("--param", type=_kinds, default=["sp", "mup"], help="sp,mup")
+    cc.add_argument("--widths", type=_ints, default=None, help="e.g. 64,128,256,512")
+    cc.add_argument(
+        "--depths", type=_ints, default=None, help="e.g. 2,4,8,16 (μP, per --depth-alpha)"
+    )
+    cc.add_argument(
+        "--depth-alpha",
+        type=_floats,
+        default=None,
+        help="α values: 1 for the width check; 1,0 for the depth check",
+    )
+    cc.add_argument("--width", type=int, default=64, help="width of the depth check")
+    cc.add_argument("--depth", type=int, default=2, help="depth of the width check")
+    cc.add_argument("--n-heads", type=int, default=2)
+    cc.add_argument("--steps", type=int, default=5)
+    cc.add_argument("--seeds", type=int, default=3, help="number of seeds")
+    cc.add_argument("--batch-size", type=int, default=8)
+    cc.add_argument("--block-size", type=int, default=64)
+    cc.add_argument("--data", default=None, help="data path (default: Tiny Shakespeare)")
+    cc.add_argument("--out", default="runs/coord", help="directory for the PNG grids")
+    cc.add_argument("--json", default=None, help="JSON path (default: OUT/coord.json)")
+    cc.add_argument("--quiet", action="store_true")
+
+    data = sub.add_parser("data", help="prepare token .bin files (train.bin, val.bin, meta.json)")
+    data.add_argument(
+        "source",
+        nargs="?",
+        default="shakespeare",
+        help="'shakespeare' (default) or a UTF-8 text file",
+    )
+    data.add_argument("--out", required=True, help="output directory")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if args.command == "train":
+            return _train(args, extra)
+        if args.command == "coord-check":
+            return _coord_check(args)
+        return _data(args)
+    except SmupError as exc:
+        print(f"smup: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("smup: interrupted", file=sys.stderr)
+        return 130
+
+
+def _train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .config import load_config
+    from .train import run
+
+    cfg = load_config(args.config, overrides)
+    result = run(cfg)
+    best = result["best_val_loss"]
+    best_text = f"{best:.4f} at iteration {result['best_iter']}" if best is not None else "n/a"
+    print(
+        f"{result['status']} ({result['stop_reason']}) after {result['iters']} iterations; "
+        f"best val loss {best_text}; wrote {Path(cfg.train.out_dir) / 'result.json'}"
+    )
+    return 0
+
+
+def _coord_check(args: argparse.Namespace) -> int:
+    from .coord import gpt_coord_check
+    from .fileio import write_json
+    from .optim import get_spec
+
+    get_spec(args.optimizer)
+    for name in ("width", "depth", "n_heads", "steps", "seeds", "batch_size", "block_size"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
+    lr = args.lr if args.lr is not None else COORD_LR.get(args.optimizer.lower(), 1e-3)
+    widths = args.widths or ([] if args.depths else [64, 128, 256, 512])
+    common = dict(
+        optimizer=args.optimizer.lower(),
+        lr=lr,
+        steps=args.steps,
+        seeds=tuple(range(args.seeds)),
+        width=args.width,
+        depth=args.depth,
+        n_heads=args.n_heads,
+        batch_size=args.batch_size,
+        block_size=args.block_size,
+        data=args.data,
+        progress=not args.quiet,
+    )
+    for w in [*widths, args.width]:
+        if w % args.n_heads:
+            raise ConfigError(f"width {w} is not divisible by --n-heads {args.n_heads}")
+    out = Path(args.out)
+    reports = {}
+    if widths:
+        reports["width"] = gpt_coord_check(
+            axis="width",
+            sizes=widths,
+            kinds=args.param,
+            depth_alphas=args.depth_alpha or [1.0],
+            **common,
+        )
+    if args.depths:
+        reports["depth"] = gpt_coord_check(
+            axis="depth",
+            sizes=args.depths,
+            kinds=["mup"],
+            depth_alphas=args.depth_alpha or [1.0, 0.0],
+            **common,
+        )
+    for axis, report in reports.items():
+        png = report.plot(out / f"coord_{axis}.png")
+        print(f"{axis}: {png}")
+        print(f"  slope of Δ RMS vs {axis} at step {report.steps} ({args.optimizer}, lr {lr:g}):")
+        width = max(len(g) for g in report.groups)
+        for label, slopes in report.slopes().items():
+            cells = "  ".join(f"{g:>{width}} {s:+.2f}" for g, s in slopes.items())
+            print(f"  {label:>10}: {cells}")
+    json_path = Path(args.json) if args.json else out / "coord.json"
+    write_json(json_path, {axis: r.to_json() for axis, r in reports.items()})
+    print(f"wrote {json_path}")
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from .data import load_dataset, prepare_bin
+
+    dataset = load_dataset(None if args.source == "shakespeare" else args.source)
+    out = prepare_bin(dataset, args.out)
+    print(
+        f"wrote {out}/train.bin ({len(dataset.train)} tokens), "
+        f"val.bin ({len(dataset.val)} tokens), "
+        f"meta.json (vocab {dataset.vocab_size})"
+    )
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""Run configuration: TOML files with ``--section.key value`` command-line overrides.
+
+Every key is a dataclass field, so an unknown key, a value of the wrong type or an invalid
+value is a one-line ``ConfigError`` before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .models.gpt import GPTConfig
+from .parametrize import Parametrization
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """The GPT's shape (the vocabulary size comes from the data)."""
+
+    width: int = 128
+    depth: int = 2
+    n_heads: int = 2
+    block_size: int = 128
+    mlp_ratio: int = 4
+    bias: bool = True
+    tie_weights: bool = False
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    """Base-model hyperparameters; μP rescales them per tensor. Keys an optimizer does not
+    use are ignored by it (betas/eps: AdamW; momentum/nesterov: SGD)."""
+
+    name: str = "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    momentum: float = 0.9
+    nesterov: bool = False
+    decay_vectors: bool = False
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    batch_size: int = 16
+    max_iters: int = 1000
+    warmup_iters: int = 50
+    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # 0 = off
+    eval_interval: int = 100
+    eval_iters: int = 20
+    patience: int = 0  # stop when val loss has not improved for this many iterations; 0 = off
+    loss_ceiling: float = 0.0  # a loss above this is divergence; 0 = 2·ln(vocab_size)
+    seed: int = 0
+    checkpoint_interval: int = 0  # 0 = at every eval
+    out_dir: str = "runs/train"
+    resume: bool = True  # continue from out_dir/checkpoint.pt when it exists
+    device: str = "cpu"
+    dtype: str = "float32"  # float32 | bfloat16 (autocast)
+    compile: bool = False
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class DataSection:
+    path: str = ""  # "" = Tiny Shakespeare; a text file; or a directory with train.bin/val.bin
+    vocab_size: int = 0  # for .bin data without meta.json
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    param: Parametrization = field(default_factory=Parametrization)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    data: DataSection = field(default_factory=DataSection)
+
+    def __post_init__(self) -> None:
+        gpt_config(self.model, vocab_size=1)  # width/heads/depth checks, before any work
+        if self.param.is_mup and self.param.base_width % self.model.n_heads:
+            raise ConfigError(
+                f"param.base_width {self.param.base_width} is not divisible by model.n_heads "
+                f"{self.model.n_heads}; pick a base width that is a multiple of n_heads"
+            )
+        t = self.train
+        for name in ("batch_size", "max_iters", "eval_interval", "eval_iters"):
+            if getattr(t, name) <= 0:
+                raise ConfigError(
+                    f"train.{name} must be a positive integer, got {getattr(t, name)}"
+                )
+        for name in ("warmup_iters", "patience", "checkpoint_interval"):
+            if getattr(t, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)}")
+        if t.schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError(
+                f"train.schedule must be cosine, linear or constant, got {t.schedule!r}"
+            )
+        if t.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"train.dtype must be float32 or bfloat16, got {t.dtype!r}")
+        if not 0.0 <= t.min_lr_ratio <= 1.0:
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+        if not self.optim.lr > 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.optim.lr}")
+        if self.optim.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.optim.weight_decay}")
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {f.name: _plain(dataclasses.asdict(getattr(self, f.name))) for f in fields(self)}
+
+
+def gpt_config(model: ModelSection, vocab_size: int) -> GPTConfig:
+    return GPTConfig(vocab_size=vocab_size, **dataclasses.asdict(model))
+
+
+def _plain(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in fields(RunConfig)}  # type: ignore[misc]
+_SECTION_TYPES = {name: typing.get_type_hints(RunConfig)[name] for name in SECTIONS}
+
+
+def _field_types(section: str) -> dict[str, Any]:
+    return typing.get_type_hints(_SECTION_TYPES[section])
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check (TOML values) or parse (command-line strings) one value against its type."""
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "")):
+            return None
+        return _coerce(key, value, next(a for a in args if a is not type(None)))
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or len(items) != len(args):
+            raise ConfigError(f"{key} needs {len(args)} comma-separated values, got {value!r}")
+        return tuple(_coerce(key, v, a) for v, a in zip(items, args, strict=True))
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif typ is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{key} must be a {getattr(typ, '__name__', typ)}, got {value!r}")
+
+
+def _known_keys() -> dict[str, list[str]]:
+    return {s: list(_field_types(s)) for s in SECTIONS}
+
+
+def _resolve_key(key: str) -> tuple[str, str]:
+    """'train.max_iters', 'max-iters' or 'max_iters' -> ('train', 'max_iters')."""
+    key = key.lstrip("-").replace("-", "_")
+    known = _known_keys()
+    if "." in key:
+        section, name = key.split(".", 1)
+        if section in known and name in known[section]:
+            return section, name
+    else:
+        owners = [s for s, names in known.items() if key in names]
+        if len(owners) == 1:
+            return owners[0], key
+        if len(owners) > 1:
+            raise ConfigError(
+                f"config key {key!r} is ambiguous; write it as one of "
+                + ", ".join(f"{s}.{key}" for s in owners)
+            )
+    raise ConfigError(
+        f"unknown config key {key!r}; valid keys are section.key with sections "
+        f"{', '.join(known)} (see configs/*.toml)"
+    )
+
+
+def build_config(values: dict[str, dict[str, Any]]) -> RunConfig:
+    """A validated ``RunConfig`` from nested ``{section: {key: value}}``."""
+    sections: dict[str, Any] = {}
+    for section, items in values.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section [{section}]; use {', '.join(SECTIONS)}")
+        if not isinstance(items, dict):
+            raise ConfigError(f"[{section}] must be a table of key = value pairs")
+        types_ = _field_types(section)
+        kwargs = {}
+        for key, value in items.items():
+            if key not in types_:
+                raise ConfigError(
+                    f"unknown config key '{section}.{key}'; valid keys in "
+                    f"[{section}]: {', '.join(types_)}"
+                )
+            kwargs[key] = _coerce(f"{section}.{key}", value, types_[key])
+        sections[section] = _SECTION_TYPES[section](**kwargs)
+    return RunConfig(**sections)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a TOML config (or the defaults) and apply ``--key value`` overrides."""
+    values: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config {path} is not UTF-8 text") from None
+    for key, value in parse_overrides(overrides or []):
+        section, name = _resolve_key(key)
+        values.setdefault(section, {})[name] = value
+    return build_config(values)
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """['--a.b', '1', '--c=2'] -> [('a.b', '1'), ('c', '2')]."""
+    pairs: list[tuple[str, str]] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(
+                f"unexpected argument {arg!r}; overrides look like --section.key value"
+            )
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override {arg} needs a value")
+            key, value = arg[2:], args[i + 1]
+            i += 2
+        pairs.append((key, value))
+    return pairs
+
+
+def replace(cfg: RunConfig, **sections: dict[str, Any]) -> RunConfig:
+    """A copy of ``cfg`` with some keys of some sections changed (validated)."""
+    values = cfg.to_dict()
+    for section, items in sections.items():
+        values.setdefault(section, {}).update(items)
+    return build_config(values)

@@ -1,0 +1,307 @@
+"""Coordinate checks (Yang et al. TP-V §D.1; the seed paper's Figs. 2–7).
+
+Train copies of a model at several widths (or depths) for a few steps and record, for each
+layer group, the RMS of its output and of the output's change since step 0 on a fixed
+batch. Under μP the change RMS is flat in width (log-log slope ≈ 0); under SP it grows.
+The fitted slope of the change RMS at the last step is the number to check.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .fileio import atomic_write, write_json
+from .optim import build_optimizer
+from .parametrize import Parametrization
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class CoordReport:
+    """Per (parametrization label, size, seed, step, layer group): output RMS and change RMS."""
+
+    axis: str
+    sizes: list[int]
+    labels: list[str]
+    groups: list[str]
+    steps: int
+    seeds: list[int]
+    optimizer: str
+    lr: float
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def curve(
+        self, label: str, group: str, step: int | None = None, metric: str = "change"
+    ) -> list[float]:
+        """Seed-mean of ``metric`` at ``step`` (default: last) for each size."""
+        step = self.steps if step is None else step
+        out = []
+        for size in self.sizes:
+            vals = [
+                r[metric]
+                for r in self.records
+                if r["label"] == label
+                and r["group"] == group
+                and r["size"] == size
+                and r["step"] == step
+            ]
+            out.append(float(np.mean(vals)) if vals else math.nan)
+        return out
+
+    def slope(
+        self, label: str, group: str, step: int | None = None, metric: str = "change"
+    ) -> float:
+        """Least-squares slope of log(metric) against log(size)."""
+        y = np.array(self.curve(label, group, step, metric))
+        if not np.all(np.isfinite(y)) or np.any(y <= 0):
+            return math.nan
+        return float(np.polyfit(np.log(self.sizes), np.log(y), 1)[0])
+
+    def slopes(self, metric: str = "change") -> dict[str, dict[str, float]]:
+        return {
+            lab: {g: self.slope(lab, g, metric=metric) for g in self.groups} for lab in self.labels
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["slopes"] = self.slopes()
+        d["output_slopes"] = self.slopes("rms")
+        return d
+
+    def save_json(self, path: str | Path) -> Path:
+        return write_json(path, self.to_json())
+
+    def plot(self, path: str | Path) -> Path:
+        """PNG grid: one row per parametrization, one panel per layer group; x = size,
+        y = change RMS, one line per step (log-log)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        nrow, ncol = len(self.labels), len(self.groups)
+        fig, axes = plt.subplots(
+            nrow, ncol, figsize=(2.6 * ncol, 2.4 * nrow), squeeze=False, sharex=True
+        )
+        colors = plt.cm.viridis(np.linspace(0, 0.9, self.steps))
+        for i, label in enumerate(self.labels):
+            for j, group in enumerate(self.groups):
+                ax = axes[i][j]
+                for step in range(1, self.steps + 1):
+                    ax.plot(
+                        self.sizes,
+                        self.curve(label, group, step),
+                        "o-",
+                        ms=3,
+                        color=colors[step - 1],
+                        label=f"t={step}",
+                    )
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                ax.set_title(f"{group}\nslope {self.slope(label, group):+.2f}", fontsize=8)
+                ax.tick_params(labelsize=7)
+                if j == 0:
+                    ax.set_ylabel(f"{label}\nΔ RMS", fontsize=8)
+                if i == nrow - 1:
+                    ax.set_xlabel(self.axis, fontsize=8)
+        axes[0][-1].legend(fontsize=6)
+        fig.suptitle(
+            f"coordinate check: {self.optimizer}, lr {self.lr:g}, {len(self.seeds)} seeds",
+            fontsize=10,
+        )
+        fig.tight_layout()
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+        plt.close(fig)
+        return Path(path)
+
+
+def default_taps(model: nn.Module) -> dict[str, nn.Module]:
+    """``model.coord_taps()`` if the model defines it, else every leaf module with parameters."""
+    if hasattr(model, "coord_taps"):
+        return model.coord_taps()
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if name and not list(m.children()) and any(True for _ in m.parameters(recurse=False))
+    }
+
+
+def _rms(t: torch.Tensor) -> float:
+    return t.detach().double().pow(2).mean().sqrt().item()
+
+
+def coord_check(
+    build: Callable[[int, Parametrization], nn.Module],
+    parametrizations: Mapping[str, Parametrization],
+    sizes: Sequence[int],
+    batches: Sequence[Batch],
+    *,
+    loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+    optimizer: str = "adamw",
+    lr: float = 1e-2,
+    steps: int = 5,
+    seeds: Sequence[int] = (0, 1, 2),
+    axis: str = "width",
+    taps: Callable[[nn.Module], Mapping[str, nn.Module]] = default_taps,
+    optimizer_kwargs: Mapping[str, Any] | None = None,
+    progress: bool = False,
+) -> CoordReport:
+    """Run a coordinate check.
+
+    Args:
+        build: ``build(size, p)`` returns a fresh model (seeded by the caller's RNG state).
+        parametrizations: label → Parametrization, one row each (e.g. ``{"sp": ..., "mup": ...}``).
+        sizes: widths (or depths) to compare.
+        batches: training batches, used in turn; ``batches[0]`` is also the probe batch.
+        loss: ``loss(model, x, y)`` -> scalar.
+        optimizer, lr, optimizer_kwargs: passed to ``build_optimizer``.
+        steps: training steps; seeds: one model per seed.
+        taps: ``taps(model)`` -> layer group name → module whose output is recorded; groups
+            missing at some size are dropped.
+    """
+    records: list[dict[str, Any]] = []
+    group_sets: list[list[str]] = []
+    runs = [(lab, size, seed) for lab in parametrizations for size in sizes for seed in seeds]
+    for label, size, seed in tqdm(runs, desc="coord-check", disable=not progress or None):
+        p = parametrizations[label]
+        torch.manual_seed(seed)
+        model = build(size, p)
+        opt = build_optimizer(optimizer, model, p, lr, **dict(optimizer_kwargs or {}))
+        tapped = dict(taps(model))
+        group_sets.append(list(tapped))
+        outputs: dict[str, torch.Tensor] = {}
+        hooks = [m.register_forward_hook(_recorder(outputs, g)) for g, m in tapped.items()]
+        start = _measure(model, batches[0][0], outputs)
+        for g, out in start.items():
+            records.append(_row(label, size, seed, 0, g, _rms(out), 0.0))
+        for step in range(1, steps + 1):
+            x, y = batches[(step - 1) % len(batches)]
+            opt.zero_grad(set_to_none=True)
+            loss(model, x, y).backward()
+            opt.step()
+            now = _measure(model, batches[0][0], outputs)
+            for g, out in now.items():
+                records.append(_row(label, size, seed, step, g, _rms(out), _rms(out - start[g])))
+        for h in hooks:
+            h.remove()
+    groups = [g for g in group_sets[0] if all(g in s for s in group_sets)] if group_sets else []
+    return CoordReport(
+        axis,
+        list(sizes),
+        list(parametrizations),
+        groups,
+        steps,
+        list(seeds),
+        optimizer,
+        lr,
+        records,
+    )
+
+
+@torch.no_grad()
+def _measure(model: nn.Module, x: torch.Tensor, outputs: dict[str, torch.Tensor]):
+    """Forward the probe batch; the tap hooks fill ``outputs``."""
+    model(x)
+    return {g: out.clone() for g, out in outputs.items()}
+
+
+def _row(label: str, size: int, seed: int, step: int, group: str, rms: float, change: float):
+    return {
+        "label": label,
+        "size": size,
+        "seed": seed,
+        "step": step,
+        "group": group,
+        "rms": rms,
+        "change": change,
+    }
+
+
+def _recorder(store: dict[str, torch.Tensor], group: str):
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        store[group] = (output[0] if isinstance(output, tuple) else output).detach()
+
+    return hook
+
+
+def gpt_coord_check(
+    *,
+    axis: str = "width",
+    sizes: Sequence[int] = (64, 128, 256, 512),
+    kinds: Sequence[str] = ("sp", "mup"),
+    depth_alphas: Sequence[float] = (1.0,),
+    optimizer: str = "adamw",
+    lr: float = 1e-2,
+    steps: int = 5,
+    seeds: Sequence[int] = (0, 1, 2),
+    width: int = 64,
+    depth: int = 2,
+    n_heads: int = 2,
+    batch_size: int = 8,
+    block_size: int = 64,
+    data: str | None = None,
+    optimizer_kwargs: Mapping[str, Any] | None = None,
+    progress: bool = False,
+) -> CoordReport:
+    """Coordinate check of the bundled GPT on Tiny Shakespeare (or ``data``).
+
+    ``axis="width"``: ``sizes`` are widths at fixed ``depth``, base width = smallest width.
+    ``axis="depth"``: ``sizes`` are depths at fixed ``width``, base depth = smallest depth.
+    One row per kind × α (the label carries α when several are given).
+    """
+    from .data import load_dataset
+    from .models.gpt import GPT, GPTConfig
+    from .train import loss_fn
+
+    dataset = load_dataset(data)
+    gen = torch.Generator().manual_seed(1234)
+    batches = [dataset.get_batch("train", batch_size, block_size, gen) for _ in range(steps)]
+    base = min(sizes)
+    params: dict[str, Parametrization] = {}
+    for kind in kinds:
+        for alpha in depth_alphas if kind == "mup" else (0.0,):
+            label = kind if len(depth_alphas) == 1 or kind == "sp" else f"{kind} α={alpha:g}"
+            params[label] = Parametrization(
+                kind=kind,
+                depth_alpha=alpha,
+                base_width=base if axis == "width" else width,
+                base_depth=base if axis == "depth" else depth,
+            )
+
+    def build(size: int, p: Parametrization) -> nn.Module:
+        w, d = (size, depth) if axis == "width" else (width, size)
+        return GPT(
+            GPTConfig(
+                width=w,
+                depth=d,
+                n_heads=n_heads,
+                vocab_size=dataset.vocab_size,
+                block_size=block_size,
+            ),
+            p,
+        )
+
+    return coord_check(
+        build,
+        params,
+        sizes,
+        batches,
+        loss=loss_fn,
+        optimizer=optimizer,
+        lr=lr,
+        steps=steps,
+        seeds=seeds,
+        axis=axis,
+        optimizer_kwargs=optimizer_kwargs,
+        progress=progress,
+    )

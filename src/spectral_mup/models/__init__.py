@@ -1,0 +1,5 @@
+"""Bundled models."""
+
+from .gpt import GPT, GPTConfig
+
+__all__ = ["GPT", "GPTConfig"]

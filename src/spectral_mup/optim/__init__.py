@@ -1,0 +1,80 @@
+"""Optimizers and the registry that maps a name to a class and its μP update family.
+
+AdamW and SGD are torch's own; the update family of every name lives in
+``spectral_mup.rules.OPTIMIZER_FAMILY``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import rules
+from ..errors import ConfigError
+from ..parametrize import Parametrization, param_groups
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """How to build one registered optimizer."""
+
+    cls: Callable[..., torch.optim.Optimizer]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    eps_key: str | None = None  # name of the Adam-like epsilon hyperparameter, if any
+
+
+REGISTRY: dict[str, OptimizerSpec] = {
+    "adamw": OptimizerSpec(torch.optim.AdamW, {"betas": (0.9, 0.95), "eps": 1e-8}, "eps"),
+    "sgd": OptimizerSpec(torch.optim.SGD, {"momentum": 0.9}),
+}
+assert set(REGISTRY) == set(rules.OPTIMIZER_FAMILY), "every optimizer needs a scaling rule"
+
+
+def optimizer_names() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def get_spec(name: str) -> OptimizerSpec:
+    try:
+        return REGISTRY[name.lower()]
+    except KeyError:
+        raise ConfigError(
+            f"unknown optimizer {name!r}; use one of: {', '.join(optimizer_names())}"
+        ) from None
+
+
+def build_optimizer(
+    name: str,
+    model: nn.Module,
+    p: Parametrization,
+    lr: float,
+    weight_decay: float = 0.0,
+    *,
+    roles: dict | None = None,
+    decay_vectors: bool = False,
+    **kwargs: Any,
+) -> torch.optim.Optimizer:
+    """A registered optimizer over ``model`` with per-tensor μP lr / wd / eps groups.
+
+    ``lr``, ``weight_decay`` and ``eps`` are the base model's values; every other keyword
+    goes to the optimizer unchanged (defaults: AdamW betas (0.9, 0.95), eps 1e-8; SGD
+    momentum 0.9).
+    """
+    spec = get_spec(name)
+    if not lr > 0:
+        raise ConfigError(f"lr must be > 0, got {lr!r}")
+    if weight_decay < 0:
+        raise ConfigError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    options = {**spec.defaults, **kwargs}
+    eps = options.pop(spec.eps_key) if spec.eps_key else None
+    groups = param_groups(
+        model, p, name.lower(), lr, weight_decay, eps=eps, roles=roles, decay_vectors=decay_vectors
+    )
+    try:
+        return spec.cls(groups, lr=lr, **options)
+    except TypeError as exc:
+        raise ConfigError(f"bad option for optimizer {name!r}: {exc}") from None

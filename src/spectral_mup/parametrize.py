@@ -1,0 +1,264 @@
+"""Apply the rules: the ``Parametrization`` dataclass, initialization, and optimizer param
+groups carrying per-tensor lr / weight-decay / eps scales.
+
+This is the only place that multiplies a learning rate (rules.py says by how much).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from . import rules
+from .errors import ConfigError
+from .roles import ParamRole, canonical_name, infer_roles
+
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.RMSNorm)
+
+
+@dataclass(frozen=True)
+class Parametrization:
+    """How a model scales with width and depth.
+
+    Attributes:
+        kind: ``"sp"`` (standard: every rule is 1) or ``"mup"`` (RULES.md §3–5).
+        base_width: width at which μP equals SP (tune hyperparameters here). ``1``
+            reproduces the seed paper's absolute convention.
+        base_depth: number of blocks at which the depth rules are 1.
+        depth_alpha: residual branches are multiplied by (depth/base_depth)^-α;
+            0 = off, 0.5 = Depth-μP, 1 = CompleteP.
+        wd_mode: ``"coupled"`` (torch semantics: decay lr·λ, λ rescaled so lr·λ is
+            invariant) or ``"independent"`` (decay schedule·λ, not multiplied by the peak LR).
+        wd_width_scaling: in independent mode, ``"constant"`` λ (μP) or ``"inverse"``
+            λ ∝ base_width/width (Qiu et al. 2025).
+        init_std: base init std σ_b of every matrix.
+        readout: ``"multiplier"`` (logits = head(x)/m, width-independent head init) or
+            ``"init"`` (no multiplier, head init σ_b/m, head LR from the same rules).
+        attention: under μP, ``"mup"`` sqrt(d_base)/d_head, ``"inverse"`` 1/d_head or
+            ``"sp"`` 1/sqrt(d_head). SP always uses 1/sqrt(d_head).
+        zero_init_readout: zero-init the head (default: on under μP, off under SP).
+        zero_init_query: zero-init the query projection.
+    """
+
+    kind: Literal["sp", "mup"] = "mup"
+    base_width: int = 128
+    base_depth: int = 2
+    depth_alpha: float = 1.0
+    wd_mode: Literal["coupled", "independent"] = "coupled"
+    wd_width_scaling: Literal["constant", "inverse"] = "constant"
+    init_std: float = 0.02
+    readout: Literal["multiplier", "init"] = "multiplier"
+    attention: Literal["mup", "inverse", "sp"] = "mup"
+    zero_init_readout: bool | None = None
+    zero_init_query: bool = False
+
+    def __post_init__(self) -> None:
+        _one_of("kind", self.kind, ("sp", "mup"))
+        _one_of("wd_mode", self.wd_mode, ("coupled", "independent"))
+        _one_of("wd_width_scaling", self.wd_width_scaling, ("constant", "inverse"))
+        _one_of("readout", self.readout, ("multiplier", "init"))
+        _one_of("attention", self.attention, ("mup", "inverse", "sp"))
+        for name in ("base_width", "base_depth"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if float(self.depth_alpha) not in rules.DEPTH_ALPHAS:
+            raise ConfigError(f"depth_alpha must be one of 0, 0.5, 1, got {self.depth_alpha!r}")
+        if not (self.init_std >= 0 and math.isfinite(self.init_std)):
+            raise ConfigError(f"init_std must be a finite number >= 0, got {self.init_std!r}")
+
+    @property
+    def is_mup(self) -> bool:
+        return self.kind == "mup"
+
+    @property
+    def zero_readout(self) -> bool:
+        return self.is_mup if self.zero_init_readout is None else self.zero_init_readout
+
+    def width_mult(self, width: int) -> float:
+        """m = width / base_width under μP; 1 under SP."""
+        return width / self.base_width if self.is_mup else 1.0
+
+    def depth_mult(self, depth: int) -> float:
+        """m_L = depth / base_depth under μP with α > 0; 1 otherwise."""
+        return depth / self.base_depth if self.is_mup and self.depth_alpha > 0 else 1.0
+
+    def readout_multiplier(self, width: int) -> float:
+        return rules.readout_multiplier(self.width_mult(width), self.readout)
+
+    def branch_multiplier(self, depth: int) -> float:
+        return rules.branch_multiplier(self.depth_mult(depth), self.depth_alpha)
+
+    def attention_scale(self, d_head: int, n_heads: int) -> float:
+        if not self.is_mup:
+            return rules.attention_scale(d_head, d_head, "sp")
+        return rules.attention_scale(d_head, self.base_width // n_heads, self.attention)
+
+    def scales(self, optimizer: str, info: ParamRole) -> rules.Scales:
+        """All multipliers of one parameter under this parametrization."""
+        family = rules.family_of(optimizer)
+        if not self.is_mup:
+            return rules.param_scales(family, info.role, 1.0, 1.0)
+        return rules.param_scales(
+            family,
+            info.role,
+            info.m_in,
+            info.m_out,
+            m_depth=info.m_depth if self.depth_alpha > 0 else 1.0,
+            in_block=info.in_block,
+            alpha=self.depth_alpha,
+            readout=self.readout,
+        )
+
+
+def _one_of(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+
+
+# ----------------------------------------------------------------------------- model side
+
+
+def model_roles(model: nn.Module) -> dict[str, ParamRole]:
+    """The roles attached by ``parametrize`` (or by a bundled model)."""
+    roles = getattr(model, "smup_roles", None)
+    if roles is None:
+        raise ConfigError(
+            "model has no roles; call spectral_mup.parametrize(model, p, base=...) first "
+            "or pass roles=infer_roles(...)"
+        )
+    return roles
+
+
+def _role_of(roles: dict[str, ParamRole], name: str) -> ParamRole:
+    try:
+        return roles[canonical_name(name)]
+    except KeyError:
+        raise ConfigError(f"parameter {name!r} has no role; infer roles on this model") from None
+
+
+@torch.no_grad()
+def init_weights(
+    model: nn.Module,
+    roles: dict[str, ParamRole],
+    p: Parametrization,
+    generator: torch.Generator | None = None,
+) -> None:
+    """Init every matrix with std σ_b·(rule multiplier) (zero for the head when
+    ``p.zero_readout``); biases 0; norm gains 1; other vectors keep their module's init."""
+    owners = {}
+    for mod_name, module in model.named_modules():
+        for p_name, _ in module.named_parameters(recurse=False):
+            owners[canonical_name(f"{mod_name}.{p_name}" if mod_name else p_name)] = module
+    for name, param in model.named_parameters():
+        info = _role_of(roles, name)
+        if info.role == "vector":
+            if name.endswith("bias"):
+                param.zero_()
+            elif isinstance(owners.get(canonical_name(name)), _NORMS):
+                param.fill_(1.0)
+            continue
+        if info.role == "output" and p.zero_readout:
+            param.zero_()
+            continue
+        m_in = info.m_in if p.is_mup else 1.0
+        std = p.init_std * rules.init_std_multiplier(info.role, m_in, p.readout)
+        param.normal_(0.0, std, generator=generator)
+
+
+def parametrize(
+    model: nn.Module,
+    p: Parametrization,
+    base: nn.Module,
+    delta: nn.Module | None = None,
+    *,
+    overrides: dict[str, rules.Role] | None = None,
+    init: bool = True,
+) -> dict[str, ParamRole]:
+    """Make any ``nn.Module`` μP-ready (the hook for third-party models).
+
+    Infers roles against ``base`` (and ``delta``), stores them as ``model.smup_roles``,
+    scales the input of every readout ``nn.Linear`` by the readout multiplier with a forward
+    pre-hook, and (``init=True``) re-initializes the weights. Attention scaling and residual
+    branch multipliers are forward-pass changes the model must make itself: use
+    ``p.attention_scale(d_head, n_heads)`` and ``p.branch_multiplier(depth)``.
+    """
+    roles = infer_roles(model, base, delta, overrides=overrides)
+    model.smup_roles = roles
+    for mod_name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        key = canonical_name(f"{mod_name}.weight" if mod_name else "weight")
+        if isinstance(module, nn.Linear) and isinstance(weight, nn.Parameter) and key in roles:
+            info = roles[key]
+            if info.role == "output" and p.is_mup:
+                c = rules.readout_multiplier(info.m_in, p.readout)
+                if c != 1.0:
+                    module.register_forward_pre_hook(_scale_input(c))
+    if init:
+        init_weights(model, roles, p)
+    return roles
+
+
+def _scale_input(c: float):
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        return (args[0] * c, *args[1:])
+
+    return hook
+
+
+# ------------------------------------------------------------------------- optimizer side
+
+
+def param_groups(
+    model: nn.Module,
+    p: Parametrization,
+    optimizer: str,
+    lr: float,
+    weight_decay: float = 0.0,
+    *,
+    eps: float | None = None,
+    roles: dict[str, ParamRole] | None = None,
+    decay_vectors: bool = False,
+) -> list[dict[str, Any]]:
+    """Param groups with per-tensor ``lr``, ``weight_decay`` and (if given) ``eps``.
+
+    One group per distinct set of values; each group also records ``role``, ``lr_mult``
+    and the parameter ``names``. Vectors get no weight decay unless ``decay_vectors``.
+    """
+    roles = roles if roles is not None else model_roles(model)
+    family = rules.family_of(optimizer)
+    groups: dict[tuple, dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        info = _role_of(roles, name)
+        s = p.scales(optimizer, info)
+        group_lr = lr * s.lr
+        lam = weight_decay if (info.role != "vector" or decay_vectors) else 0.0
+        if p.wd_mode == "coupled":
+            wd = lam * s.weight_decay
+        else:
+            width_factor = 1.0
+            if p.is_mup and p.wd_width_scaling == "inverse":
+                width_factor = 1.0 / info.width_mult
+            wd = rules.independent_weight_decay(family, lam, group_lr, width_factor)
+        key = (info.role, info.in_block, group_lr, wd, s.eps)
+        if key not in groups:
+            groups[key] = {
+                "params": [],
+                "names": [],
+                "lr": group_lr,
+                "weight_decay": wd,
+                "role": info.role,
+                "in_block": info.in_block,
+                "lr_mult": s.lr,
+            }
+            if eps is not None:
+                groups[key]["eps"] = eps * s.eps
+        groups[key]["params"].append(param)
+        groups[key]["names"].append(canonical_name(name))
+    return list(groups.values())

@@ -1,0 +1,241 @@
+"""The scaling rules of docs/RULES.md: data plus small pure functions (no torch).
+
+The spectral condition (Yang, Simon & Bernstein 2023, arXiv 2310.17813) asks that every
+weight matrix and every update of it have spectral norm ~ sqrt(fan_out / fan_in). If an
+optimizer's raw update has spectral norm N, the learning rate must scale as
+
+    lr ∝ sqrt(fan_out / fan_in) / N                                  (RULES.md §2)
+
+so an optimizer's whole μP is one *update-norm model* N. Each model below is one line:
+the spectral norm of the **effective** update (the update of ``c·W``, where ``c`` is the
+layer's forward multiplier) per unit learning rate, for a layer with fan_in ``fi`` and
+fan_out ``fo``. Every norm is a monomial in (fi, fo, c), so the ratio of a layer's rule to
+the same layer's rule in the base model depends only on the width multipliers — that is
+what the functions here return: multipliers relative to the base model, all exactly 1 at
+the base width and depth, so μP equals SP there.
+
+Depth (RULES.md §4; Yang et al. TP-VI arXiv 2310.02244, Dey et al. CompleteP arXiv
+2505.01618): a residual branch is multiplied by ``a = m_L^-α``. Parameters inside a branch
+see ``a`` like a forward multiplier, and each of the L blocks may move the residual stream
+by 1/L, so for an optimizer whose update is homogeneous of degree k in the gradient scale
+(Adam-like k = 0, SGD k = 1) the in-block LR scales as ``m_L^(α(1+k) - 1)``.
+α = 0 switches depth scaling off (every depth factor is 1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+Role = Literal["input", "hidden", "output", "vector"]
+ROLES: tuple[Role, ...] = ("input", "hidden", "output", "vector")
+Readout = Literal["multiplier", "init"]
+DEPTH_ALPHAS = (0.0, 0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class UpdateFamily:
+    """An update-norm model: everything μP needs to know about an optimizer."""
+
+    name: str
+    norm: Callable[[float, float, float], float]
+    """(fan_in, fan_out, c) -> spectral norm of the effective update per unit LR."""
+    grad_degree: float
+    """k in update(s·g) = s^k · update(g): 0 for normalized updates, 1 for SGD."""
+    eps_follows_grad: bool
+    """The optimizer's eps is compared with gradient entries (Adam-like), so it scales with them."""
+    decay_in_direction: bool
+    """Weight decay enters the normalized direction (LAMB's λθ inside the trust ratio)."""
+    source: str
+
+
+FAMILIES: dict[str, UpdateFamily] = {
+    f.name: f
+    for f in (
+        # sign-like updates have entries of size ~1, low stable rank: ‖Ψ‖* ≈ ‖Ψ‖_F = sqrt(fi·fo)
+        UpdateFamily(
+            "entrywise",
+            lambda fi, fo, c: c * math.sqrt(fi * fo),
+            0.0,
+            True,
+            False,
+            "Gupta et al. 2026 §3.1 / App. C; TP-V Table 3",
+        ),
+        # U·Vᵀ has every singular value 1
+        UpdateFamily(
+            "orthogonalized",
+            lambda fi, fo, c: c,
+            0.0,
+            False,
+            False,
+            "Qiu et al. 2025; Bernstein & Newhouse 2024",
+        ),
+        # φ(‖W‖)/‖u‖ · u: the update follows the weight, whose init already meets the condition
+        UpdateFamily(
+            "trust_ratio",
+            lambda fi, fo, c: math.sqrt(fo / fi),
+            0.0,
+            True,
+            True,
+            "Gupta et al. 2026 App. C.3",
+        ),
+        # the update is rescaled to the target norm explicitly
+        UpdateFamily(
+            "spectral_normalized",
+            lambda fi, fo, c: math.sqrt(fo / fi),
+            0.0,
+            False,
+            False,
+            "Qiu et al. 2025 §6",
+        ),
+        # μP gradients of the effective weight have ‖∇‖* ~ sqrt(fi/fo); W's own gradient is c·∇
+        UpdateFamily(
+            "raw_gradient",
+            lambda fi, fo, c: c * c * math.sqrt(fi / fo),
+            1.0,
+            False,
+            False,
+            "Yang, Simon & Bernstein 2023 §3 (SGD: lr ∝ fan_out/fan_in)",
+        ),
+    )
+}
+
+# Each optimizer's update-norm model. Adding an optimizer to μP is one line here.
+OPTIMIZER_FAMILY: dict[str, str] = {
+    "adamw": "entrywise",
+    "sgd": "raw_gradient",
+}
+
+
+def family_of(optimizer: str) -> UpdateFamily:
+    """The update family of a registered optimizer name."""
+    try:
+        return FAMILIES[OPTIMIZER_FAMILY[optimizer]]
+    except KeyError:
+        known = ", ".join(sorted(OPTIMIZER_FAMILY))
+        raise KeyError(f"no scaling rule for optimizer {optimizer!r} (known: {known})") from None
+
+
+# --------------------------------------------------------------------------- forward pass
+
+
+def readout_multiplier(m_in: float, readout: Readout = "multiplier") -> float:
+    """Forward multiplier of the output layer: logits = head(x) / m (RULES.md §3)."""
+    return 1.0 / m_in if readout == "multiplier" else 1.0
+
+
+def forward_multiplier(role: Role, m_in: float, readout: Readout = "multiplier") -> float:
+    """The forward multiplier ``c`` of a parameter's layer: 1/m for the readout, else 1."""
+    return readout_multiplier(m_in, readout) if role == "output" else 1.0
+
+
+def attention_scale(d_head: int, d_head_base: int, mode: str = "mup") -> float:
+    """Attention-logit scale. ``mup``: sqrt(d_base)/d_head (equals 1/sqrt(d_head) at the base);
+    ``inverse``: 1/d_head; ``sp``: 1/sqrt(d_head) (RULES.md §3)."""
+    if mode == "mup":
+        return math.sqrt(d_head_base) / d_head
+    if mode == "inverse":
+        return 1.0 / d_head
+    if mode == "sp":
+        return 1.0 / math.sqrt(d_head)
+    raise ValueError(f"unknown attention scaling {mode!r} (use mup, inverse or sp)")
+
+
+def branch_multiplier(m_depth: float, alpha: float) -> float:
+    """Residual-branch multiplier m_L^-α (RULES.md §4)."""
+    return m_depth ** (-alpha)
+
+
+def init_std_multiplier(role: Role, m_in: float, readout: Readout = "multiplier") -> float:
+    """Init std relative to the base std σ_b (RULES.md §3): input σ_b, hidden σ_b/sqrt(m),
+    output σ_b with the 1/m readout multiplier (σ_b/m without it). Vectors keep their
+    module's init (gains 1, biases 0)."""
+    if role == "hidden":
+        return 1.0 / math.sqrt(m_in)
+    if role == "output":
+        return 1.0 if readout == "multiplier" else 1.0 / m_in
+    return 1.0
+
+
+# ------------------------------------------------------------------------------ optimizer
+
+
+def width_lr_multiplier(family: UpdateFamily, m_in: float, m_out: float, c: float) -> float:
+    """lr ∝ sqrt(fan_out/fan_in) / N(fan_in, fan_out, c), relative to the base layer.
+
+    Since N is a monomial, substituting the multipliers for the fans gives the ratio."""
+    target = math.sqrt(m_out / m_in)
+    return target / family.norm(m_in, m_out, c) * family.norm(1.0, 1.0, 1.0)
+
+
+def depth_lr_multiplier(family: UpdateFamily, m_depth: float, alpha: float) -> float:
+    """In-block LR factor m_L^(α(1+k) - 1); 1 when depth scaling is off (α = 0)."""
+    if alpha == 0:
+        return 1.0
+    return m_depth ** (alpha * (1.0 + family.grad_degree) - 1.0)
+
+
+def eps_multiplier(family: UpdateFamily, role: Role, m_out: float, c: float, a: float) -> float:
+    """Adam-like eps follows the size of gradient entries: ε·c·a/m_out for matrices
+    (ε/m for input, hidden and readout; ε/(m·m_L^α) in hidden blocks), ε for vectors."""
+    if not family.eps_follows_grad or role == "vector":
+        return 1.0
+    return c * a / m_out
+
+
+def coupled_wd_multiplier(family: UpdateFamily, lr_multiplier: float) -> float:
+    """Torch-style decay lr·λ per step: λ rescaled so that lr·λ stays width- and
+    depth-invariant (RULES.md §5); λ unchanged where it sits inside the direction (LAMB)."""
+    return 1.0 if family.decay_in_direction else 1.0 / lr_multiplier
+
+
+def independent_weight_decay(
+    family: UpdateFamily, weight_decay: float, group_lr: float, width_factor: float
+) -> float:
+    """The torch ``weight_decay`` value that makes the per-step decay schedule·λ·width_factor,
+    independent of the peak LR (RULES.md §5). ``width_factor`` is 1 (μP: λ constant) or
+    base_width/width (Qiu et al.: λ ∝ 1/width)."""
+    if family.decay_in_direction:
+        return weight_decay
+    if weight_decay == 0:
+        return 0.0
+    return weight_decay * width_factor / group_lr
+
+
+@dataclass(frozen=True)
+class Scales:
+    """All multipliers of one parameter, relative to the base model."""
+
+    init_std: float
+    forward: float
+    lr: float
+    weight_decay: float
+    eps: float
+
+
+def param_scales(
+    family: UpdateFamily,
+    role: Role,
+    m_in: float,
+    m_out: float,
+    m_depth: float = 1.0,
+    in_block: bool = False,
+    alpha: float = 1.0,
+    readout: Readout = "multiplier",
+) -> Scales:
+    """Every multiplier of one parameter (coupled weight decay). Pass m_in = m_out = m_depth
+    = 1 for SP: every rule is then 1, which is how μP equals SP at the base model."""
+    c = forward_multiplier(role, m_in, readout)
+    a = branch_multiplier(m_depth, alpha) if in_block else 1.0
+    lr = width_lr_multiplier(family, m_in, m_out, c)
+    if in_block:
+        lr *= depth_lr_multiplier(family, m_depth, alpha)
+    return Scales(
+        init_std=init_std_multiplier(role, m_in, readout),
+        forward=c,
+        lr=lr,
+        weight_decay=coupled_wd_multiplier(family, lr),
+        eps=eps_multiplier(family, role, m_out, c, a),
+    )

@@ -1,0 +1,267 @@
+"""The training loop (``smup train``; sweeps call ``run`` too).
+
+Warmup + cosine/linear decay, gradient clipping, periodic eval, early stopping, divergence
+detection reported as a result, atomic checkpoints with exact resume (bit-identical on CPU),
+a progress bar and a JSON result file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .config import RunConfig, gpt_config
+from .data import Dataset, load_dataset
+from .errors import CheckpointError
+from .fileio import save_torch, write_json
+from .models.gpt import GPT
+from .optim import build_optimizer, get_spec
+
+CHECKPOINT = "checkpoint.pt"
+RESULT = "result.json"
+WEIGHTS = "model.pt"
+_FORMAT = "spectral-mup-checkpoint-v1"
+_RUNTIME_KEYS = {"out_dir", "resume", "progress"}  # may change between a run and its resume
+
+
+def lr_factor(cfg: RunConfig) -> Callable[[int], float]:
+    """LR multiplier at iteration ``it``: linear warmup, then cosine/linear decay to
+    ``min_lr_ratio`` at ``max_iters`` (or constant)."""
+    t = cfg.train
+
+    def factor(it: int) -> float:
+        if it < t.warmup_iters:
+            return (it + 1) / (t.warmup_iters + 1)
+        if t.schedule == "constant" or t.max_iters <= t.warmup_iters:
+            return 1.0
+        progress = min(1.0, (it - t.warmup_iters) / (t.max_iters - t.warmup_iters))
+        shape = (
+            0.5 * (1.0 + math.cos(math.pi * progress)) if t.schedule == "cosine" else 1 - progress
+        )
+        return t.min_lr_ratio + (1.0 - t.min_lr_ratio) * shape
+
+    return factor
+
+
+def build_model(cfg: RunConfig, vocab_size: int) -> GPT:
+    return GPT(gpt_config(cfg.model, vocab_size), cfg.param)
+
+
+def build_run_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    spec = get_spec(o.name)
+    options = {k: getattr(o, k) for k in spec.defaults if hasattr(o, k)}
+    if o.name.lower() == "sgd":
+        options["nesterov"] = o.nesterov
+    return build_optimizer(
+        o.name, model, cfg.param, o.lr, o.weight_decay, decay_vectors=o.decay_vectors, **options
+    )
+
+
+def fingerprint(cfg: RunConfig) -> dict[str, Any]:
+    """The parts of a config a checkpoint must agree with to be resumed."""
+    d = cfg.to_dict()
+    d["train"] = {k: v for k, v in d["train"].items() if k not in _RUNTIME_KEYS}
+    return d
+
+
+def _autocast(cfg: RunConfig):
+    if cfg.train.dtype == "bfloat16":
+        return torch.autocast(device_type=torch.device(cfg.train.device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def loss_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = model(x)
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: Dataset, cfg: RunConfig, split: str = "val") -> float:
+    """Mean loss over ``eval_iters`` batches drawn from a fixed seed (the same batches at
+    every eval, and no draw from the training RNG)."""
+    gen = torch.Generator().manual_seed(10_000 + cfg.train.seed)
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for _ in range(cfg.train.eval_iters):
+        x, y = data.get_batch(split, cfg.train.batch_size, cfg.model.block_size, gen)
+        with _autocast(cfg):
+            total += loss_fn(model, x.to(cfg.train.device), y.to(cfg.train.device)).item()
+    model.train(was_training)
+    return total / cfg.train.eval_iters
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; a corrupt file is a one-line error."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for bad files
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or unreadable ({reason[:120]}); delete it to start over"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != _FORMAT:
+        raise CheckpointError(
+            f"{path} is not a spectral-mup checkpoint; delete it or use another out_dir"
+        )
+    return ckpt
+
+
+def run(cfg: RunConfig, *, log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Train one model; return (and write to ``out_dir/result.json``) the result."""
+    log = log or (lambda _msg: None)
+    t = cfg.train
+    device = torch.device(t.device)
+    data = load_dataset(cfg.data.path or None, vocab_size=cfg.data.vocab_size or None)
+    out = Path(t.out_dir)
+    ckpt_path = out / CHECKPOINT
+    ckpt = load_checkpoint(ckpt_path) if t.resume and ckpt_path.exists() else None
+    if ckpt is not None and ckpt["config"] != fingerprint(cfg):
+        diff = sorted(
+            f"{s}.{k}"
+            for s in ckpt["config"]
+            for k in ckpt["config"][s]
+            if ckpt["config"][s][k] != fingerprint(cfg).get(s, {}).get(k)
+        )
+        raise CheckpointError(
+            f"{ckpt_path} was written by a different config "
+            f"(differs in {', '.join(diff) or 'keys'}); "
+            "use another train.out_dir or --train.resume false"
+        )
+
+    torch.manual_seed(t.seed)
+    model = build_model(cfg, data.vocab_size).to(device)
+    opt = build_run_optimizer(cfg, model)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg))
+    gen = torch.Generator().manual_seed(t.seed)
+    ceiling = t.loss_ceiling or 2.0 * math.log(data.vocab_size)
+    hist: dict[str, list] = {"train_loss": [], "lr": [], "val": []}
+    state: dict[str, Any] = {
+        "iter": 0,
+        "best_val": math.inf,
+        "best_iter": 0,
+        "elapsed": 0.0,
+        "stop_reason": None,
+    }
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        gen.set_state(ckpt["data_rng"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        hist = ckpt["history"]
+        state = ckpt["state"]
+        log(f"resumed from {ckpt_path} at iteration {state['iter']}")
+    fwd = torch.compile(model) if t.compile else model
+
+    def save_checkpoint() -> None:
+        save_torch(
+            ckpt_path,
+            {
+                "format": _FORMAT,
+                "config": fingerprint(cfg),
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "data_rng": gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "history": hist,
+                "state": dict(state),
+            },
+        )
+
+    status, stop_reason, diverged_at = "ok", state["stop_reason"] or "max_iters", None
+    ckpt_every = t.checkpoint_interval or t.eval_interval
+    start = time.perf_counter() - state["elapsed"]
+    bar = tqdm(
+        total=t.max_iters,
+        initial=state["iter"],
+        disable=not t.progress or None,
+        desc="train",
+        unit="it",
+        dynamic_ncols=True,
+    )
+    model.train()
+    since_eval: list[float] = []
+    while state["iter"] < t.max_iters and state["stop_reason"] is None:
+        x, y = data.get_batch("train", t.batch_size, cfg.model.block_size, gen)
+        x, y = x.to(device), y.to(device)
+        opt.zero_grad(set_to_none=True)
+        with _autocast(cfg):
+            loss = loss_fn(fwd, x, y)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value) or loss_value > ceiling:
+            status, stop_reason, diverged_at = "diverged", "diverged", state["iter"]
+            log(
+                f"diverged at iteration {state['iter']}: "
+                f"loss {loss_value:.4g} (ceiling {ceiling:.3g})"
+            )
+            break
+        loss.backward()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        hist["lr"].append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+        state["iter"] += 1
+        hist["train_loss"].append(loss_value)
+        since_eval.append(loss_value)
+        bar.update(1)
+        it = state["iter"]
+        if it % t.eval_interval == 0 or it == t.max_iters:
+            val = evaluate(fwd, data, cfg)
+            hist["val"].append([it, val])
+            if val < state["best_val"]:
+                state["best_val"], state["best_iter"] = val, it
+            train_avg = sum(since_eval) / len(since_eval)
+            since_eval = []
+            bar.set_postfix(train=f"{train_avg:.3f}", val=f"{val:.3f}")
+            log(f"iter {it}: train {train_avg:.4f} val {val:.4f} lr {hist['lr'][-1]:.3g}")
+            if not math.isfinite(val) or val > ceiling:
+                status, stop_reason, diverged_at = "diverged", "diverged", it
+                log(f"diverged at iteration {it}: val loss {val:.4g}")
+                break
+            if t.patience and it - state["best_iter"] >= t.patience:
+                stop_reason = "early_stop"
+                log(
+                    f"early stop at iteration {it}: "
+                    f"no val improvement for {it - state['best_iter']} iterations"
+                )
+                break
+        if it % ckpt_every == 0 and it < t.max_iters:
+            state["elapsed"] = time.perf_counter() - start
+            save_checkpoint()
+    bar.close()
+    state["elapsed"] = time.perf_counter() - start
+    if status == "ok":
+        state["stop_reason"] = stop_reason
+        save_checkpoint()
+        save_torch(out / WEIGHTS, model.state_dict())
+    tail = hist["train_loss"][-min(len(hist["train_loss"]), t.eval_interval) :]
+    result = {
+        "status": status,
+        "stop_reason": stop_reason,
+        "iters": state["iter"],
+        "best_val_loss": state["best_val"] if math.isfinite(state["best_val"]) else None,
+        "best_iter": state["best_iter"],
+        "final_val_loss": hist["val"][-1][1] if hist["val"] else None,
+        "final_train_loss": sum(tail) / len(tail) if tail else None,
+        "diverged_at": diverged_at,
+        "tokens": state["iter"] * t.batch_size * cfg.model.block_size,
+        "wall_time": state["elapsed"],
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "data": data.source,
+        "config": cfg.to_dict(),
+        "history": hist,
+    }
+    write_json(out / RESULT, result)
+    return result
