@@ -134,8 +134,8 @@ def forward_multiplier(role: Role, m_in: float, readout: Readout = "multiplier")
 def attention_scale(d_head: int, d_head_base: int, mode: str = "mup") -> float:
     """Attention-logit scale. ``mup``: sqrt(d_base)/d_head (equals 1/sqrt(d_head) at the base);
     ``inverse``: 1/d_head; ``sp``: 1/sqrt(d_head) (RULES.md §3)."""
-    if mode == "mup":
-        return math.sqrt(d_head_base) / d_head
+    if mode == "mup":  # = sqrt(d_base)/d_head, written to equal the SP value exactly at the base
+        return math.sqrt(d_head_base / d_head) / math.sqrt(d_head)
     if mode == "inverse":
         return 1.0 / d_head
     if mode == "sp":

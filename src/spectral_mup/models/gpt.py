@@ -108,6 +108,11 @@ class GPT(nn.Module):
                 f"base_width {p.base_width} is not divisible by n_heads {config.n_heads}; "
                 "pick a base width that is a multiple of n_heads"
             )
+        if p.is_mup and config.tie_weights and p.readout == "init":
+            raise ConfigError(
+                "tie_weights needs readout = 'multiplier' under μP (with readout = 'init' the "
+                "head's init and LR differ from the embedding's); untie or change readout"
+            )
         self.config, self.p = config, p
         d_head = config.width // config.n_heads
         attn_scale = p.attention_scale(d_head, config.n_heads)

@@ -1,0 +1,149 @@
+"""Coordinate checks as ordinary unit tests (the haliax habit): μP flat, SP growing.
+
+Protocol of the spine issue: GPT depth 2, 2 heads, widths 64→512, 5 steps, 3 seeds,
+Tiny Shakespeare batches (8 × 64 tokens); slopes of the change RMS at the last step.
+"""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from spectral_mup import Parametrization
+from spectral_mup.cli import COORD_LR, main
+from spectral_mup.coord import coord_check, gpt_coord_check
+
+WIDTHS = (64, 128, 256, 512)
+HIDDEN = ("block0.attn", "block0.mlp", "block1.attn", "block1.mlp", "residual")
+
+
+@pytest.fixture(scope="module")
+def adamw_width():
+    return gpt_coord_check(sizes=WIDTHS, optimizer="adamw", lr=COORD_LR["adamw"], seeds=(0, 1, 2))
+
+
+def test_adamw_mup_is_flat_in_width(adamw_width):
+    slopes = adamw_width.slopes()
+    assert set(adamw_width.groups) == {"embedding", *HIDDEN, "logits"}
+    for group, s in slopes["mup"].items():
+        assert abs(s) <= 0.2, (group, s)
+
+
+def test_adamw_sp_grows_in_width(adamw_width):
+    slopes = adamw_width.slopes()
+    for group in HIDDEN:
+        assert slopes["sp"][group] >= 0.5, (group, slopes["sp"][group])
+    assert slopes["sp"]["logits"] > slopes["mup"]["logits"] + 0.3
+    # at the base width μP is SP, so the curves start at the same point
+    sp, mup = adamw_width.curve("sp", "logits"), adamw_width.curve("mup", "logits")
+    assert sp[-1] > 2 * mup[-1]
+
+
+def test_sgd_mup_is_flat_in_width():
+    report = gpt_coord_check(sizes=WIDTHS, optimizer="sgd", lr=COORD_LR["sgd"], seeds=(0, 1, 2))
+    slopes = report.slopes()
+    for group, s in slopes["mup"].items():
+        assert abs(s) <= 0.2, (group, s)
+    for group in HIDDEN:
+        assert slopes["sp"][group] >= 0.5, (group, slopes["sp"][group])
+
+
+def test_depth_alpha_one_is_flat_and_alpha_zero_grows():
+    report = gpt_coord_check(
+        axis="depth",
+        sizes=(2, 4, 8, 16),
+        kinds=("mup",),
+        depth_alphas=(1.0, 0.0),
+        optimizer="adamw",
+        lr=COORD_LR["adamw"],
+        width=64,
+        seeds=(0, 1, 2),
+    )
+    slopes = report.slopes()
+    assert abs(slopes["mup α=1"]["residual"]) <= 0.2
+    assert abs(slopes["mup α=1"]["logits"]) <= 0.2
+    assert slopes["mup α=0"]["residual"] >= 0.5
+    assert slopes["mup α=0"]["logits"] > slopes["mup α=1"]["logits"]
+
+
+def test_generic_model_coord_check():
+    """Any nn.Module works: an MLP regression, taps = every leaf module with parameters."""
+
+    class Net(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.inp, self.hid, self.out = (
+                nn.Linear(16, width),
+                nn.Linear(width, width),
+                nn.Linear(width, 1),
+            )
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.hid(torch.tanh(self.inp(x)))))
+
+    def build(width, p):
+        from spectral_mup import parametrize
+
+        model = Net(width)
+        parametrize(model, p, base=Net(32), delta=Net(64), init=True)
+        return model
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(64, 16, generator=gen), torch.randn(64, 1, generator=gen)) for _ in range(3)
+    ]
+    params = {
+        "sp": Parametrization(kind="sp", init_std=0.1),
+        "mup": Parametrization(kind="mup", base_width=32, init_std=0.1),
+    }
+    report = coord_check(
+        build,
+        params,
+        (32, 128, 512),
+        batches,
+        optimizer="adamw",
+        lr=1e-2,
+        steps=3,
+        seeds=(0, 1),
+        loss=lambda m, x, y: (m(x) - y).pow(2).mean(),
+    )
+    slopes = report.slopes()
+    assert report.groups == ["inp", "hid", "out"]
+    assert slopes["sp"]["hid"] > 0.5 and slopes["sp"]["out"] > 0.5
+    assert abs(slopes["mup"]["hid"]) <= 0.2 and abs(slopes["mup"]["out"]) <= 0.2
+
+
+def test_cli_writes_png_and_json(tmp_path):
+    out = tmp_path / "cc"
+    code = main(
+        [
+            "coord-check",
+            "--widths",
+            "32,64",
+            "--depths",
+            "1,2",
+            "--width",
+            "32",
+            "--steps",
+            "2",
+            "--seeds",
+            "1",
+            "--block-size",
+            "16",
+            "--batch-size",
+            "2",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    assert (out / "coord_width.png").stat().st_size > 10_000
+    assert (out / "coord_depth.png").stat().st_size > 10_000
+    data = json.loads((out / "coord.json").read_text())
+    assert set(data) == {"width", "depth"}
+    assert set(data["width"]["slopes"]) == {"sp", "mup"}
+    assert set(data["depth"]["slopes"]) == {"mup α=1", "mup α=0"}
+    assert data["width"]["sizes"] == [32, 64] and data["width"]["steps"] == 2
+    assert all(isinstance(v, float) for v in data["width"]["slopes"]["mup"].values())

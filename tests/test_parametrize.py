@@ -1,0 +1,183 @@
+"""Parametrization applied to models: init, param groups, μP == SP at the base."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import spectral_mup as smup
+from spectral_mup import ConfigError, Parametrization, build_optimizer
+from spectral_mup.models import GPT, GPTConfig
+
+CFG = GPTConfig(width=64, depth=3, n_heads=2, vocab_size=65, block_size=16)
+
+
+def group_table(opt):
+    return sorted(
+        (name, g["lr"], g["weight_decay"], g.get("eps"))
+        for g in opt.param_groups
+        for name in g["names"]
+    )
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+@pytest.mark.parametrize("wd_mode", ["coupled", "independent"])
+def test_mup_at_base_equals_sp(optimizer, wd_mode):
+    sp = Parametrization(kind="sp", wd_mode=wd_mode)
+    mup = Parametrization(
+        kind="mup",
+        base_width=64,
+        base_depth=3,
+        wd_mode=wd_mode,
+        zero_init_readout=False,
+        wd_width_scaling="inverse",
+    )
+    torch.manual_seed(0)
+    a = GPT(CFG, sp)
+    torch.manual_seed(0)
+    b = GPT(CFG, mup)
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert na == nb and torch.equal(pa, pb), na  # same init, bit for bit
+    assert a.readout_multiplier == b.readout_multiplier == 1.0
+    assert a.blocks[0].branch_multiplier == b.blocks[0].branch_multiplier == 1.0
+    assert a.blocks[0].attn.scale == b.blocks[0].attn.scale == pytest.approx(1 / math.sqrt(32))
+    x = torch.randint(0, 65, (2, 16))
+    assert torch.equal(a(x), b(x))
+    oa = build_optimizer(optimizer, a, sp, lr=1e-2, weight_decay=0.1)
+    ob = build_optimizer(optimizer, b, mup, lr=1e-2, weight_decay=0.1)
+    assert group_table(oa) == group_table(ob)
+
+
+def test_mup_groups_at_width_4x_and_depth_2x():
+    p = Parametrization(kind="mup", base_width=32, base_depth=2, depth_alpha=0.5)
+    model = GPT(GPTConfig(width=128, depth=4, n_heads=2, vocab_size=65, block_size=16), p)
+    opt = build_optimizer("adamw", model, p, lr=1e-2, weight_decay=0.1, eps=1e-8)
+    by_name = {n: g for g in opt.param_groups for n in g["names"]}
+    ml = 2.0
+    hidden = by_name["blocks.1.mlp.c_fc.weight"]
+    assert hidden["lr"] == pytest.approx(1e-2 / 4 * ml**-0.5)
+    assert hidden["lr"] * hidden["weight_decay"] == pytest.approx(1e-2 * 0.1)  # lr·λ invariant
+    assert hidden["eps"] == pytest.approx(1e-8 / (4 * ml**0.5))
+    emb = by_name["wte.weight"]
+    assert (emb["lr"], emb["weight_decay"], emb["eps"]) == pytest.approx((1e-2, 0.1, 1e-8 / 4))
+    head = by_name["lm_head.weight"]
+    assert (head["lr"], head["eps"]) == pytest.approx((1e-2, 1e-8 / 4))
+    gain = by_name["blocks.0.ln_1.weight"]
+    assert (gain["lr"], gain["weight_decay"], gain["eps"]) == pytest.approx(
+        (1e-2 * ml**-0.5, 0, 1e-8)
+    )
+    assert by_name["ln_f.weight"]["lr"] == pytest.approx(1e-2)
+    # forward multipliers
+    assert model.readout_multiplier == pytest.approx(1 / 4)
+    assert model.blocks[0].branch_multiplier == pytest.approx(ml**-0.5)
+    assert model.blocks[0].attn.scale == pytest.approx(math.sqrt(16) / 64)
+
+
+def test_independent_weight_decay_groups():
+    p = Parametrization(
+        kind="mup", base_width=32, base_depth=2, wd_mode="independent", wd_width_scaling="inverse"
+    )
+    model = GPT(GPTConfig(width=128, depth=2, n_heads=2, vocab_size=65, block_size=16), p)
+    opt = build_optimizer("adamw", model, p, lr=1e-2, weight_decay=0.1)
+    for g in opt.param_groups:
+        if g["role"] == "vector":
+            assert g["weight_decay"] == 0.0
+        else:  # per-step decay at peak LR = λ · base_width/width, whatever the group's LR
+            assert g["lr"] * g["weight_decay"] == pytest.approx(0.1 / 4)
+
+
+def test_init_statistics():
+    p = Parametrization(kind="mup", base_width=64, init_std=0.02)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(width=1024, depth=1, n_heads=2, vocab_size=65, block_size=16), p)
+    assert model.wte.weight.std().item() == pytest.approx(0.02, rel=0.02)
+    assert model.blocks[0].mlp.c_fc.weight.std().item() == pytest.approx(0.02 / 4, rel=0.02)
+    assert model.lm_head.weight.abs().max().item() == 0.0  # zero readout by default under μP
+    assert model.blocks[0].attn.c_attn.bias.abs().max().item() == 0.0
+    assert torch.equal(model.blocks[0].ln_1.weight, torch.ones(1024))
+    q = Parametrization(kind="mup", base_width=64, zero_init_query=True)
+    m2 = GPT(GPTConfig(width=128, depth=1, n_heads=2, vocab_size=65, block_size=16), q)
+    assert m2.blocks[0].attn.c_attn.weight[:128].abs().max().item() == 0.0
+    assert m2.blocks[0].attn.c_attn.weight[128:].abs().max().item() > 0.0
+
+
+def test_build_optimizer_matches_hand_written_adamw():
+    """Oracle: torch.optim.AdamW fed the per-tensor LRs of RULES.md by hand."""
+    p = Parametrization(kind="mup", base_width=32, base_depth=1)
+    torch.manual_seed(0)
+    a = GPT(GPTConfig(width=96, depth=2, n_heads=2, vocab_size=65, block_size=16), p)
+    b = GPT(a.config, p)
+    b.load_state_dict(a.state_dict())
+    opt_a = build_optimizer("adamw", a, p, lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    m, ml = 3.0, 2.0
+    groups = []
+    for name, param in b.named_parameters():
+        if name.startswith("blocks.") and param.ndim == 2:
+            lr, wd, eps = 3e-3 / m, 0.1 * m, 1e-8 / (m * ml)
+        elif param.ndim == 2:
+            lr, wd, eps = 3e-3, 0.1, 1e-8 / m
+        else:
+            lr, wd, eps = 3e-3, 0.0, 1e-8
+        groups.append({"params": [param], "lr": lr, "weight_decay": wd, "eps": eps})
+    opt_b = torch.optim.AdamW(groups, betas=(0.9, 0.95))
+    x = torch.randint(0, 65, (4, 16))
+    for _ in range(5):
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-7)
+
+
+def test_parametrize_third_party_readout_hook():
+    def net(width):
+        return nn.Sequential(
+            nn.Linear(8, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 2)
+        )
+
+    p = Parametrization(kind="mup", base_width=16, zero_init_readout=False)
+    model = net(64)
+    roles = smup.parametrize(model, p, base=net(16))
+    assert model.smup_roles is roles
+    x = torch.randn(3, 8)
+    features = model[:4](x)
+    head = model[4]  # readout input scaled by 1/m, bias untouched
+    expected = torch.nn.functional.linear(features / 4, head.weight, head.bias)
+    torch.testing.assert_close(model(x), expected)
+    assert model[2].weight.std().item() == pytest.approx(0.02 / 2, rel=0.1)
+    opt = build_optimizer("adamw", model, p, lr=1e-3)
+    by_name = {n: g["lr"] for g in opt.param_groups for n in g["names"]}
+    assert by_name == pytest.approx(
+        {
+            "0.weight": 1e-3,
+            "0.bias": 1e-3,
+            "2.weight": 1e-3 / 4,
+            "2.bias": 1e-3,
+            "4.weight": 1e-3,
+            "4.bias": 1e-3,
+        }
+    )
+
+
+def test_errors():
+    with pytest.raises(ConfigError, match="unknown optimizer 'adamx'"):
+        build_optimizer("adamx", GPT(CFG), Parametrization(kind="sp"), lr=1e-3)
+    with pytest.raises(ConfigError, match="model has no roles"):
+        build_optimizer("adamw", nn.Linear(2, 2), Parametrization(), lr=1e-3)
+    for kwargs, msg in [
+        ({"base_width": 0}, "base_width"),
+        ({"base_depth": -1}, "base_depth"),
+        ({"depth_alpha": 0.7}, "depth_alpha"),
+        ({"kind": "ntk"}, "kind"),
+        ({"wd_mode": "l2"}, "wd_mode"),
+    ]:
+        with pytest.raises(ConfigError, match=msg):
+            Parametrization(**kwargs)
+    with pytest.raises(ConfigError, match=r"not divisible by model\.n_heads"):
+        GPTConfig(width=30, n_heads=4)
+    with pytest.raises(ConfigError, match="tie_weights needs readout"):
+        GPT(GPTConfig(width=64, tie_weights=True), Parametrization(base_width=32, readout="init"))
+    with pytest.raises(ConfigError, match="base_width 30 is not divisible"):
+        GPT(GPTConfig(width=64, n_heads=4), Parametrization(base_width=30))

@@ -1,0 +1,121 @@
+"""Rule values against the tables of docs/RULES.md §3–5."""
+
+import math
+
+import pytest
+
+from spectral_mup import rules
+from spectral_mup.optim import REGISTRY
+
+M, ML = 8.0, 4.0  # width and depth multipliers used throughout
+ADAM = rules.family_of("adamw")
+SGD = rules.family_of("sgd")
+
+
+def scales(family, role, alpha=1.0, in_block=False, readout="multiplier"):
+    m_in = {"input": 1.0, "hidden": M, "output": M, "vector": 1.0}[role]
+    m_out = {"input": M, "hidden": M, "output": 1.0, "vector": M}[role]
+    return rules.param_scales(family, role, m_in, m_out, ML, in_block, alpha, readout)
+
+
+@pytest.mark.parametrize(
+    ("role", "lr", "wd", "eps"),
+    [
+        ("input", 1.0, 1.0, 1 / M),
+        ("hidden", 1 / M, M, 1 / M),
+        ("output", 1.0, 1.0, 1 / M),
+        ("vector", 1.0, 1.0, 1.0),
+    ],
+)
+def test_adamw_width_row(role, lr, wd, eps):
+    s = scales(ADAM, role)
+    assert s.lr == pytest.approx(lr)
+    assert s.weight_decay == pytest.approx(wd)
+    assert s.eps == pytest.approx(eps)
+
+
+@pytest.mark.parametrize(
+    ("role", "lr", "wd"),
+    [("input", M, 1 / M), ("hidden", 1.0, 1.0), ("output", M, 1 / M), ("vector", M, 1 / M)],
+)
+def test_sgd_width_row(role, lr, wd):
+    s = scales(SGD, role)
+    assert s.lr == pytest.approx(lr)
+    assert s.weight_decay == pytest.approx(wd)
+    assert s.eps == 1.0  # SGD has no eps
+
+
+def test_init_and_forward_multipliers():
+    assert scales(ADAM, "input").init_std == 1.0
+    assert scales(ADAM, "hidden").init_std == pytest.approx(1 / math.sqrt(M))
+    assert scales(ADAM, "output").init_std == 1.0
+    assert scales(ADAM, "output").forward == pytest.approx(1 / M)
+    assert scales(ADAM, "hidden").forward == 1.0
+    # the alternative readout: no multiplier, head init σ_b/m, Adam head LR η/m
+    alt = scales(ADAM, "output", readout="init")
+    assert (alt.forward, alt.init_std, alt.lr) == (1.0, pytest.approx(1 / M), pytest.approx(1 / M))
+
+
+@pytest.mark.parametrize(
+    ("alpha", "adam_lr", "sgd_lr", "adam_eps", "branch"),
+    [
+        (1.0, 1.0, ML, 1 / ML, 1 / ML),
+        (0.5, ML**-0.5, 1.0, ML**-0.5, ML**-0.5),
+        (0.0, 1.0, 1.0, 1.0, 1.0),
+    ],
+)
+def test_depth_rules(alpha, adam_lr, sgd_lr, adam_eps, branch):
+    """RULES.md §4: Adam hidden × m_L^(α-1), SGD × m_L (α=1) / × 1 (α=0.5), eps ε/(m·m_L^α)."""
+    adam = scales(ADAM, "hidden", alpha, in_block=True)
+    assert adam.lr == pytest.approx(adam_lr / M)
+    assert adam.eps == pytest.approx(adam_eps / M)
+    assert adam.weight_decay == pytest.approx(1 / adam.lr)
+    assert scales(SGD, "hidden", alpha, in_block=True).lr == pytest.approx(sgd_lr)
+    vec = scales(ADAM, "vector", alpha, in_block=True)
+    assert vec.lr == pytest.approx(adam_lr)  # gains/biases in blocks: × m_L^(α-1)
+    assert rules.branch_multiplier(ML, alpha) == pytest.approx(branch)
+
+
+def test_every_rule_is_one_at_the_base():
+    for family in rules.FAMILIES.values():
+        for role in rules.ROLES:
+            s = rules.param_scales(family, role, 1.0, 1.0, 1.0, True, 1.0)
+            assert (s.init_std, s.forward, s.lr, s.weight_decay, s.eps) == (1, 1, 1, 1, 1)
+
+
+def test_update_norm_families():
+    """The hidden-LR column of RULES.md §2 (absolute: lr ∝ target / N)."""
+    n = 512.0
+    hidden = {name: math.sqrt(n / n) / f.norm(n, n, 1.0) for name, f in rules.FAMILIES.items()}
+    assert hidden["entrywise"] == pytest.approx(1 / n)
+    assert hidden["orthogonalized"] == pytest.approx(1.0)
+    assert hidden["trust_ratio"] == pytest.approx(1.0)
+    assert hidden["spectral_normalized"] == pytest.approx(1.0)
+    assert hidden["raw_gradient"] == pytest.approx(1.0)
+    # orthogonalized on every matrix: input/output η·sqrt(m) (the "Muon everywhere" row)
+    ortho = rules.FAMILIES["orthogonalized"]
+    assert rules.width_lr_multiplier(ortho, 1.0, M, 1.0) == pytest.approx(math.sqrt(M))
+    assert rules.width_lr_multiplier(ortho, M, 1.0, 1 / M) == pytest.approx(math.sqrt(M))
+
+
+def test_independent_weight_decay_is_schedule_times_lambda():
+    lam, group_lr = 0.1, 0.003
+    wd = rules.independent_weight_decay(ADAM, lam, group_lr, 1.0)
+    assert group_lr * wd == pytest.approx(lam)  # decay per step at peak LR = λ
+    assert group_lr * rules.independent_weight_decay(ADAM, lam, group_lr, 1 / M) == pytest.approx(
+        lam / M
+    )
+    assert rules.independent_weight_decay(ADAM, 0.0, group_lr, 1.0) == 0.0
+
+
+def test_attention_scale():
+    assert rules.attention_scale(64, 64, "mup") == pytest.approx(1 / 8)
+    assert rules.attention_scale(256, 64, "mup") == pytest.approx(8 / 256)
+    assert rules.attention_scale(256, 64, "inverse") == pytest.approx(1 / 256)
+    assert rules.attention_scale(256, 64, "sp") == pytest.approx(1 / 16)
+
+
+def test_registry_and_rules_cover_the_same_optimizers():
+    assert set(REGISTRY) == set(rules.OPTIMIZER_FAMILY)
+    with pytest.raises(KeyError, match="known: adamw, sgd"):
+        rules.family_of("lion9")
