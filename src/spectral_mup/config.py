@@ -16,6 +16,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .models.gpt import GPTConfig
+from .optim import get_spec
 from .parametrize import Parametrization
 
 if sys.version_info >= (3, 11):
@@ -96,6 +97,7 @@ class RunConfig:
                 f"param.base_width {self.param.base_width} is not divisible by model.n_heads "
                 f"{self.model.n_heads}; pick a base width that is a multiple of n_heads"
             )
+        get_spec(self.optim.name)  # unknown optimizer: fail before loading data
         t = self.train
         for name in ("batch_size", "max_iters", "eval_interval", "eval_iters"):
             if getattr(t, name) <= 0:
@@ -180,7 +182,7 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
                 pass
     elif typ is str and isinstance(value, str):
         return value
-    raise ConfigError(f"{key} must be a {getattr(typ, '__name__', typ)}, got {value!r}")
+    raise ConfigError(f"{key} must be of type {getattr(typ, '__name__', typ)}, got {value!r}")
 
 
 def _known_keys() -> dict[str, list[str]]:

@@ -1,0 +1,388 @@
+"""Tests for spectral_mup.train: exact resume, checkpoints, divergence, early stop, schedules."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from spectral_mup import train as T
+from spectral_mup.config import RunConfig, load_config
+from spectral_mup.train import lr_factor, run
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch: pytest.MonkeyPatch):
+    """Tiny models run fastest on one thread, and a busy 2-core machine does not thrash."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for subprocesses
+    yield
+    torch.set_num_threads(threads)
+
+
+TINY = [
+    "--model.width",
+    "32",
+    "--model.depth",
+    "1",
+    "--model.n_heads",
+    "2",
+    "--model.block_size",
+    "32",
+    "--param.base_width",
+    "32",
+    "--param.base_depth",
+    "1",
+    "--train.batch_size",
+    "4",
+    "--train.eval_iters",
+    "2",
+    "--train.warmup_iters",
+    "5",
+    "--train.progress",
+    "false",
+]
+
+
+def tiny(out_dir: Path, *overrides: str) -> RunConfig:
+    return load_config(None, [*TINY, "--train.out_dir", str(out_dir), *overrides])
+
+
+# ----------------------------------------------------------------------------- exact resume
+
+RESUME_TOML = """\
+[model]
+width = 32
+depth = 2
+n_heads = 2
+block_size = 32
+dropout = 0.1
+
+[param]
+kind = "mup"
+base_width = 32
+base_depth = 2
+
+[optim]
+name = "adamw"
+lr = 1e-2
+
+[train]
+batch_size = 4
+max_iters = 200
+warmup_iters = 5
+eval_interval = 10
+eval_iters = 2
+checkpoint_interval = 10
+seed = 3
+progress = false
+"""
+
+
+def test_exact_resume_after_sigkill(tmp_path: Path) -> None:
+    cfg_path = tmp_path / "resume.toml"
+    cfg_path.write_text(RESUME_TOML, encoding="utf-8")
+    dir_a, dir_b = tmp_path / "A", tmp_path / "B"
+    cfg_a = load_config(cfg_path, ["--train.out_dir", str(dir_a)])
+    cfg_b = load_config(cfg_path, ["--train.out_dir", str(dir_b)])
+    assert T.fingerprint(cfg_a) == T.fingerprint(cfg_b)
+    max_iters = cfg_a.train.max_iters
+
+    # Run B in a real process and SIGKILL it once it has written a checkpoint.
+    with (tmp_path / "b.stderr").open("wb") as err:
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "spectral_mup.cli", "train", str(cfg_path)),
+                *("--train.out_dir", str(dir_b)),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=os.environ.copy(),
+        )
+        ckpt = dir_b / T.CHECKPOINT
+        deadline = time.monotonic() + 120
+        try:
+            while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.002)
+            finished_early = proc.poll() is not None
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=30)
+    stderr = (tmp_path / "b.stderr").read_text(errors="replace")
+    assert not finished_early, f"run B ended before it was killed: {stderr}"
+    assert proc.returncode == -signal.SIGKILL
+    killed = torch.load(ckpt, weights_only=True)
+    killed_iter = killed["state"]["iter"]
+    assert killed_iter % 10 == 0
+    assert 10 <= killed_iter < max_iters
+    assert len(killed["history"]["train_loss"]) == killed_iter
+    assert not (dir_b / T.WEIGHTS).exists()
+    assert not (dir_b / T.RESULT).exists()
+
+    result_a = run(cfg_a, log=None)
+    messages: list[str] = []
+    result_b = run(cfg_b, log=messages.append)
+    assert messages[0] == f"resumed from {ckpt} at iteration {killed_iter}"
+
+    for r in (result_a, result_b):
+        assert r["status"] == "ok"
+        assert r["stop_reason"] == "max_iters"
+        assert r["iters"] == max_iters
+        assert len(r["history"]["train_loss"]) == max_iters
+        assert [v[0] for v in r["history"]["val"]] == list(range(10, max_iters + 1, 10))
+    # Bit-for-bit: no tolerance.
+    assert result_b["history"]["train_loss"] == result_a["history"]["train_loss"]
+    assert result_b["history"]["val"] == result_a["history"]["val"]
+    assert result_b["history"]["lr"] == result_a["history"]["lr"]
+    assert result_b["best_val_loss"] == result_a["best_val_loss"]
+    assert result_b["best_iter"] == result_a["best_iter"]
+    # The history written to disk agrees as well.
+    on_disk = json.loads((dir_b / T.RESULT).read_text())
+    assert on_disk["history"]["train_loss"] == result_a["history"]["train_loss"]
+
+    weights_a = torch.load(dir_a / T.WEIGHTS, weights_only=True)
+    weights_b = torch.load(dir_b / T.WEIGHTS, weights_only=True)
+    assert weights_a.keys() == weights_b.keys()
+    assert len(weights_a) > 0
+    for name, tensor in weights_a.items():
+        assert torch.equal(tensor, weights_b[name]), name
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_and_weights_load_with_weights_only(tmp_path: Path) -> None:
+    cfg = tiny(tmp_path / "run", "--train.max_iters", "4", "--train.eval_interval", "2")
+    result = run(cfg, log=None)
+    assert result["status"] == "ok"
+    ckpt = torch.load(tmp_path / "run" / T.CHECKPOINT, weights_only=True)
+    assert set(ckpt) == {
+        "format",
+        "config",
+        "model",
+        "optimizer",
+        "scheduler",
+        "data_rng",
+        "torch_rng",
+        "history",
+        "state",
+    }
+    assert ckpt["format"] == "spectral-mup-checkpoint-v1"
+    assert ckpt["config"] == T.fingerprint(cfg)
+    assert "out_dir" not in ckpt["config"]["train"]
+    assert ckpt["state"]["iter"] == 4
+    assert ckpt["state"]["stop_reason"] == "max_iters"
+    assert ckpt["history"]["train_loss"] == result["history"]["train_loss"]
+    weights = torch.load(tmp_path / "run" / T.WEIGHTS, weights_only=True)
+    assert weights.keys() == ckpt["model"].keys()
+    for name, tensor in weights.items():
+        assert torch.equal(tensor, ckpt["model"][name]), name
+    assert T.load_checkpoint(tmp_path / "run" / T.CHECKPOINT)["state"]["iter"] == 4
+
+
+# ----------------------------------------------------------------------------- divergence
+
+
+def test_huge_lr_diverges_without_exception(tmp_path: Path) -> None:
+    cfg = tiny(
+        tmp_path / "run",
+        "--optim.name",
+        "sgd",
+        "--optim.lr",
+        "1e3",
+        "--train.warmup_iters",
+        "0",
+        "--train.max_iters",
+        "50",
+        "--train.eval_interval",
+        "10",
+    )
+    result = run(cfg, log=None)
+    assert result["status"] == "diverged"
+    assert result["stop_reason"] == "diverged"
+    assert isinstance(result["diverged_at"], int)
+    assert 0 <= result["diverged_at"] < 50
+    assert result["iters"] <= result["diverged_at"] + 1
+    assert not (tmp_path / "run" / T.WEIGHTS).exists()
+    on_disk = json.loads((tmp_path / "run" / T.RESULT).read_text())
+    assert on_disk["status"] == "diverged"
+    assert on_disk["diverged_at"] == result["diverged_at"]
+
+
+def test_loss_ceiling_diverges_at_iteration_zero(tmp_path: Path) -> None:
+    cfg = tiny(tmp_path / "run", "--train.loss_ceiling", "0.5", "--train.max_iters", "10")
+    messages: list[str] = []
+    result = run(cfg, log=messages.append)
+    assert result["status"] == "diverged"
+    assert result["stop_reason"] == "diverged"
+    assert result["diverged_at"] == 0
+    assert result["iters"] == 0
+    assert result["history"]["train_loss"] == []
+    assert result["best_val_loss"] is None
+    assert result["final_val_loss"] is None
+    assert len(messages) == 1
+    assert messages[0].startswith("diverged at iteration 0: loss ")
+    assert messages[0].endswith("(ceiling 0.5)")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [T.RESULT]
+
+
+# ----------------------------------------------------------------------------- early stop
+
+
+def test_early_stop_when_val_stalls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(T, "evaluate", lambda *args, **kwargs: 3.0)
+    cfg = tiny(
+        tmp_path / "run",
+        "--train.eval_interval",
+        "1",
+        "--train.patience",
+        "3",
+        "--train.max_iters",
+        "50",
+    )
+    result = run(cfg, log=None)
+    assert result["status"] == "ok"
+    assert result["stop_reason"] == "early_stop"
+    assert result["iters"] == 4
+    assert result["best_iter"] == 1
+    assert result["best_val_loss"] == 3.0
+    assert result["history"]["val"] == [[1, 3.0], [2, 3.0], [3, 3.0], [4, 3.0]]
+    assert len(result["history"]["train_loss"]) == 4
+    assert result["diverged_at"] is None
+
+    # A rerun finds the finished run and does not train on.
+    again = run(cfg, log=None)
+    assert again["stop_reason"] == "early_stop"
+    assert again["iters"] == 4
+    assert again["history"] == result["history"]
+
+
+# ----------------------------------------------------------------------------- learning
+
+
+def test_training_lowers_val_loss(tmp_path: Path) -> None:
+    cfg = tiny(
+        tmp_path / "run",
+        "--optim.lr",
+        "1e-2",
+        "--train.max_iters",
+        "60",
+        "--train.eval_interval",
+        "20",
+    )
+    result = run(cfg, log=None)
+    assert result["status"] == "ok"
+    assert result["iters"] == 60
+    vals = [v for _, v in result["history"]["val"]]
+    assert [it for it, _ in result["history"]["val"]] == [20, 40, 60]
+    assert result["best_val_loss"] < 3.3 < math.log(65)
+    assert vals[-1] < vals[0]
+    assert result["history"]["train_loss"][0] > 3.9  # ≈ ln 65 = 4.17 at init
+    assert result["final_train_loss"] < result["history"]["train_loss"][0] - 0.5
+
+
+# ----------------------------------------------------------------------------- lr schedule
+
+
+def _schedule(schedule: str, warmup: int = 10, max_iters: int = 100, ratio: float = 0.1):
+    cfg = load_config(
+        None,
+        [
+            "--train.schedule",
+            schedule,
+            "--train.warmup_iters",
+            str(warmup),
+            "--train.max_iters",
+            str(max_iters),
+            "--train.min_lr_ratio",
+            str(ratio),
+        ],
+    )
+    return lr_factor(cfg)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_lr_warmup_is_linear(schedule: str) -> None:
+    f = _schedule(schedule)
+    assert [f(it) for it in range(10)] == [(it + 1) / 11 for it in range(10)]
+    assert f(10) == 1.0
+
+
+def test_lr_cosine_schedule() -> None:
+    f = _schedule("cosine")
+    assert f(10) == 1.0
+    assert f(55) == pytest.approx(0.55, abs=1e-12)
+    assert f(100) == pytest.approx(0.1, abs=1e-12)
+    assert f(150) == pytest.approx(0.1, abs=1e-12)
+    values = [f(it) for it in range(10, 101)]
+    assert all(a > b for a, b in itertools.pairwise(values))
+
+
+def test_lr_linear_schedule() -> None:
+    f = _schedule("linear")
+    assert f(10) == 1.0
+    assert f(55) == pytest.approx(0.55, abs=1e-12)
+    assert f(32.5) == pytest.approx(0.775, abs=1e-12)
+    assert f(100) == pytest.approx(0.1, abs=1e-12)
+    assert f(77) - f(78) == pytest.approx(0.01, abs=1e-12)
+
+
+def test_lr_constant_schedule() -> None:
+    f = _schedule("constant")
+    assert {f(it) for it in range(10, 500)} == {1.0}
+    g = _schedule("cosine", warmup=0, ratio=0.0)
+    assert g(0) == 1.0
+    assert g(100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_run_follows_the_schedule(tmp_path: Path) -> None:
+    cfg = tiny(
+        tmp_path / "run",
+        "--train.max_iters",
+        "12",
+        "--train.eval_interval",
+        "12",
+        "--train.warmup_iters",
+        "3",
+        "--train.schedule",
+        "linear",
+    )
+    result = run(cfg, log=None)
+    f = lr_factor(cfg)
+    lrs = result["history"]["lr"]
+    assert len(lrs) == 12
+    base = lrs[3] / f(3)
+    assert lrs == pytest.approx([base * f(it) for it in range(12)], rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- rerun
+
+
+def test_rerun_of_finished_run_does_not_train(tmp_path: Path) -> None:
+    cfg = tiny(tmp_path / "run", "--train.max_iters", "20", "--train.eval_interval", "10")
+    first = run(cfg, log=None)
+    weights = torch.load(tmp_path / "run" / T.WEIGHTS, weights_only=True)
+    messages: list[str] = []
+    second = run(cfg, log=messages.append)
+    assert messages == [f"resumed from {tmp_path / 'run' / T.CHECKPOINT} at iteration 20"]
+    assert second["iters"] == first["iters"] == 20
+    assert second["status"] == "ok"
+    assert second["stop_reason"] == "max_iters"
+    assert second["history"] == first["history"]
+    assert second["best_val_loss"] == first["best_val_loss"]
+    assert second["final_train_loss"] == first["final_train_loss"]
+    again = torch.load(tmp_path / "run" / T.WEIGHTS, weights_only=True)
+    for name, tensor in weights.items():
+        assert torch.equal(tensor, again[name]), name
