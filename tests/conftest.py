@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture(autouse=True)
@@ -19,3 +20,13 @@ def data_dir(monkeypatch: pytest.MonkeyPatch) -> Path:
     )
     monkeypatch.setenv("SMUP_DATA_DIR", str(path))
     return path
+
+
+@pytest.fixture
+def one_thread(monkeypatch: pytest.MonkeyPatch):
+    """Tiny models run fastest on one thread, and a busy 2-core machine does not thrash."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for subprocesses
+    yield
+    torch.set_num_threads(threads)

@@ -9,20 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from spectral_mup.cli import main
 
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch: pytest.MonkeyPatch):
-    """Tiny models run fastest on one thread, and a busy 2-core machine does not thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for subprocesses
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY_TOML = """\
 [model]

@@ -19,16 +19,7 @@ from spectral_mup import train as T
 from spectral_mup.config import RunConfig, load_config
 from spectral_mup.train import lr_factor, run
 
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch: pytest.MonkeyPatch):
-    """Tiny models run fastest on one thread, and a busy 2-core machine does not thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for subprocesses
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = [
     "--model.width",

@@ -26,20 +26,6 @@ else:  # pragma: no cover
 
 
 @dataclass(frozen=True)
-class ModelSection:
-    """The GPT's shape (the vocabulary size comes from the data)."""
-
-    width: int = 128
-    depth: int = 2
-    n_heads: int = 2
-    block_size: int = 128
-    mlp_ratio: int = 4
-    bias: bool = True
-    tie_weights: bool = False
-    dropout: float = 0.0
-
-
-@dataclass(frozen=True)
 class OptimSection:
     """Base-model hyperparameters; μP rescales them per tensor. Keys an optimizer does not
     use are ignored by it (betas/eps: AdamW; momentum/nesterov: SGD)."""
@@ -84,14 +70,13 @@ class DataSection:
 
 @dataclass(frozen=True)
 class RunConfig:
-    model: ModelSection = field(default_factory=ModelSection)
+    model: GPTConfig = field(default_factory=lambda: GPTConfig(block_size=128))
     param: Parametrization = field(default_factory=Parametrization)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     data: DataSection = field(default_factory=DataSection)
 
     def __post_init__(self) -> None:
-        gpt_config(self.model, vocab_size=1)  # width/heads/depth checks, before any work
         if self.param.is_mup and self.param.base_width % self.model.n_heads:
             raise ConfigError(
                 f"param.base_width {self.param.base_width} is not divisible by model.n_heads "
@@ -121,23 +106,33 @@ class RunConfig:
             raise ConfigError(f"optim.weight_decay must be >= 0, got {self.optim.weight_decay}")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {f.name: _plain(dataclasses.asdict(getattr(self, f.name))) for f in fields(self)}
+        return {
+            f.name: {
+                k: v
+                for k, v in _plain(dataclasses.asdict(getattr(self, f.name))).items()
+                if (f.name, k) not in _DERIVED
+            }
+            for f in fields(self)
+        }
 
 
-def gpt_config(model: ModelSection, vocab_size: int) -> GPTConfig:
-    return GPTConfig(vocab_size=vocab_size, **dataclasses.asdict(model))
+def gpt_config(model: GPTConfig, vocab_size: int) -> GPTConfig:
+    """The model section with the vocabulary size of the data."""
+    return dataclasses.replace(model, vocab_size=vocab_size)
 
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
+_DERIVED = {("model", "vocab_size")}  # set from the data, never from a config
 SECTIONS: dict[str, type] = {f.name: f.type for f in fields(RunConfig)}  # type: ignore[misc]
 _SECTION_TYPES = {name: typing.get_type_hints(RunConfig)[name] for name in SECTIONS}
 
 
 def _field_types(section: str) -> dict[str, Any]:
-    return typing.get_type_hints(_SECTION_TYPES[section])
+    hints = typing.get_type_hints(_SECTION_TYPES[section])
+    return {k: v for k, v in hints.items() if (section, k) not in _DERIVED}
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
@@ -192,6 +187,8 @@ def _known_keys() -> dict[str, list[str]]:
 def _resolve_key(key: str) -> tuple[str, str]:
     """'train.max_iters', 'max-iters' or 'max_iters' -> ('train', 'max_iters')."""
     key = key.lstrip("-").replace("-", "_")
+    if "." in key:
+        _reject_derived(*key.split(".", 1))
     known = _known_keys()
     if "." in key:
         section, name = key.split(".", 1)
@@ -212,6 +209,14 @@ def _resolve_key(key: str) -> tuple[str, str]:
     )
 
 
+def _reject_derived(section: str, key: str) -> None:
+    if (section, key) in _DERIVED:
+        raise ConfigError(
+            f"{section}.{key} is set from the data; remove it (for .bin data "
+            "without meta.json, set data.vocab_size)"
+        )
+
+
 def build_config(values: dict[str, dict[str, Any]]) -> RunConfig:
     """A validated ``RunConfig`` from nested ``{section: {key: value}}``."""
     sections: dict[str, Any] = {}
@@ -223,6 +228,7 @@ def build_config(values: dict[str, dict[str, Any]]) -> RunConfig:
         types_ = _field_types(section)
         kwargs = {}
         for key, value in items.items():
+            _reject_derived(section, key)
             if key not in types_:
                 raise ConfigError(
                     f"unknown config key '{section}.{key}'; valid keys in "
