@@ -146,6 +146,8 @@ def test_parametrize_third_party_readout_hook():
     head = model[4]  # readout input scaled by 1/m, bias untouched
     expected = torch.nn.functional.linear(features / 4, head.weight, head.bias)
     torch.testing.assert_close(model(x), expected)
+    smup.parametrize(model, p, base=net(16), init=False)  # again: the hook must not stack
+    torch.testing.assert_close(model(x), expected)
     assert model[2].weight.std().item() == pytest.approx(0.02 / 2, rel=0.1)
     opt = build_optimizer("adamw", model, p, lr=1e-3)
     by_name = {n: g["lr"] for g in opt.param_groups for n in g["names"]}

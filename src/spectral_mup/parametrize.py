@@ -189,6 +189,9 @@ def parametrize(
     """
     roles = infer_roles(model, base, delta, overrides=overrides)
     model.smup_roles = roles
+    for handle in getattr(model, "_smup_hooks", []):  # parametrizing twice must not stack
+        handle.remove()
+    model._smup_hooks = []
     for mod_name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         key = canonical_name(f"{mod_name}.weight" if mod_name else "weight")
@@ -197,7 +200,7 @@ def parametrize(
             if info.role == "output" and p.is_mup:
                 c = rules.readout_multiplier(info.m_in, p.readout)
                 if c != 1.0:
-                    module.register_forward_pre_hook(_scale_input(c))
+                    model._smup_hooks.append(module.register_forward_pre_hook(_scale_input(c)))
     if init:
         init_weights(model, roles, p)
     return roles

@@ -59,8 +59,6 @@ def build_run_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.O
     o = cfg.optim
     spec = get_spec(o.name)
     options = {k: getattr(o, k) for k in spec.defaults if hasattr(o, k)}
-    if o.name.lower() == "sgd":
-        options["nesterov"] = o.nesterov
     return build_optimizer(
         o.name, model, cfg.param, o.lr, o.weight_decay, decay_vectors=o.decay_vectors, **options
     )

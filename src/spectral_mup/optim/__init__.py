@@ -29,7 +29,7 @@ class OptimizerSpec:
 
 REGISTRY: dict[str, OptimizerSpec] = {
     "adamw": OptimizerSpec(torch.optim.AdamW, {"betas": (0.9, 0.95), "eps": 1e-8}, "eps"),
-    "sgd": OptimizerSpec(torch.optim.SGD, {"momentum": 0.9}),
+    "sgd": OptimizerSpec(torch.optim.SGD, {"momentum": 0.9, "nesterov": False}),
 }
 assert set(REGISTRY) == set(rules.OPTIMIZER_FAMILY), "every optimizer needs a scaling rule"
 
