@@ -42,6 +42,13 @@ def test_gpt_roles(bias, tie):
             assert (info.m_in, info.m_out) == (1.0, 4.0)
     if not tie:
         assert (roles["lm_head.weight"].m_in, roles["lm_head.weight"].m_out) == (4.0, 1.0)
+        assert (roles["lm_head.weight"].fan_in, roles["lm_head.weight"].fan_out) == (128, 65)
+    fans = {n: (r.fan_in, r.fan_out) for n, r in roles.items()}
+    assert fans["wte.weight"] == (65, 128)  # an embedding's fan_in is the vocabulary
+    assert fans["wpe.weight"] == (16, 128)
+    assert fans["blocks.0.attn.c_attn.weight"] == (128, 384)
+    assert fans["blocks.0.mlp.c_proj.weight"] == (512, 128)
+    assert fans["blocks.0.ln_1.weight"] == (1, 128)
 
 
 def mlp(width: int) -> nn.Sequential:

@@ -13,9 +13,14 @@ SGD = rules.family_of("sgd")
 
 
 def scales(family, role, alpha=1.0, in_block=False, readout="multiplier"):
+    """A layer of a vocab-65 model at width 64·M (base width 64)."""
     m_in = {"input": 1.0, "hidden": M, "output": M, "vector": 1.0}[role]
     m_out = {"input": M, "hidden": M, "output": 1.0, "vector": M}[role]
-    return rules.param_scales(family, role, m_in, m_out, ML, in_block, alpha, readout)
+    fan_in = {"input": 65, "hidden": 64 * M, "output": 64 * M, "vector": 1}[role]
+    fan_out = {"input": 64 * M, "hidden": 64 * M, "output": 65, "vector": 64 * M}[role]
+    return rules.param_scales(
+        family, role, fan_in, fan_out, m_in, m_out, ML, in_block, alpha, readout
+    )
 
 
 @pytest.mark.parametrize(
@@ -79,7 +84,7 @@ def test_depth_rules(alpha, adam_lr, sgd_lr, adam_eps, branch):
 def test_every_rule_is_one_at_the_base():
     for family in rules.FAMILIES.values():
         for role in rules.ROLES:
-            s = rules.param_scales(family, role, 1.0, 1.0, 1.0, True, 1.0)
+            s = rules.param_scales(family, role, 65, 128, 1.0, 1.0, 1.0, True, 1.0)
             assert (s.init_std, s.forward, s.lr, s.weight_decay, s.eps) == (1, 1, 1, 1, 1)
 
 
@@ -94,8 +99,10 @@ def test_update_norm_families():
     assert hidden["raw_gradient"] == pytest.approx(1.0)
     # orthogonalized on every matrix: input/output η·sqrt(m) (the "Muon everywhere" row)
     ortho = rules.FAMILIES["orthogonalized"]
-    assert rules.width_lr_multiplier(ortho, 1.0, M, 1.0) == pytest.approx(math.sqrt(M))
-    assert rules.width_lr_multiplier(ortho, M, 1.0, 1 / M) == pytest.approx(math.sqrt(M))
+    assert rules.width_lr_multiplier(ortho, 65, 64 * M, 1.0, M, 1.0) == pytest.approx(math.sqrt(M))
+    assert rules.width_lr_multiplier(ortho, 64 * M, 65, M, 1.0, 1 / M) == pytest.approx(
+        math.sqrt(M)
+    )
 
 
 def test_independent_weight_decay_is_schedule_times_lambda():

@@ -102,10 +102,12 @@ class Parametrization:
         """All multipliers of one parameter under this parametrization."""
         family = rules.family_of(optimizer)
         if not self.is_mup:
-            return rules.param_scales(family, info.role, 1.0, 1.0)
+            return rules.param_scales(family, info.role, info.fan_in, info.fan_out, 1.0, 1.0)
         return rules.param_scales(
             family,
             info.role,
+            info.fan_in,
+            info.fan_out,
             info.m_in,
             info.m_out,
             m_depth=info.m_depth if self.depth_alpha > 0 else 1.0,

@@ -35,14 +35,17 @@ _WRAPPER_PREFIXES = (
 
 @dataclass(frozen=True)
 class ParamRole:
-    """How one parameter scales. ``m_in``/``m_out``: fan_in/fan_out relative to the base
-    model; ``m_depth``: number of blocks relative to the base (1 outside blocks)."""
+    """How one parameter scales. ``fan_in``/``fan_out``: its layer's fans (a vector is a
+    fan_in = 1 matrix); ``m_in``/``m_out``: the fans relative to the base model;
+    ``m_depth``: number of blocks relative to the base (1 outside blocks)."""
 
     role: Role
     m_in: float = 1.0
     m_out: float = 1.0
     in_block: bool = False
     m_depth: float = 1.0
+    fan_in: int = 1
+    fan_out: int = 1
 
     @property
     def width_mult(self) -> float:
@@ -155,10 +158,10 @@ def infer_roles(
         in_block = tpl in block_templates
         m_depth = model_counts[tpl] / base_counts[tpl] if in_block else 1.0
         forced = next((r for pat, r in overrides.items() if fnmatch.fnmatchcase(name, pat)), None)
-        role, m_in, m_out = _classify(
+        role, m_in, m_out, fan_in, fan_out = _classify(
             name, shape, grows, mults, layouts.get(name, "unknown"), forced
         )
-        roles[name] = ParamRole(role, m_in, m_out, in_block, m_depth)
+        roles[name] = ParamRole(role, m_in, m_out, in_block, m_depth, fan_in, fan_out)
     return roles
 
 
@@ -169,14 +172,14 @@ def _classify(
     mults: list[float],
     layout: str,
     forced: Role | None,
-) -> tuple[Role, float, float]:
+) -> tuple[Role, float, float, int, int]:
     if len(shape) <= 1:
         m = mults[0] if shape else 1.0
         if forced not in (None, "vector"):
             raise ConfigError(
                 f"override for {name!r}: a {len(shape)}-D parameter can only be 'vector'"
             )
-        return "vector", 1.0, m
+        return "vector", 1.0, m, 1, shape[0] if shape else 1
     if layout == "embedding":
         out_dim, in_dims = 1, [0]
     elif layout == "linear" or (forced is None and grows[0] == grows[1]):
@@ -196,10 +199,11 @@ def _classify(
             f"cannot tell fan_in from fan_out of {name!r} (shape {shape}, owned by a module "
             f"that is not Linear/Embedding/Conv); pass overrides={{{name!r}: 'input' or 'output'}}"
         )
-    m_out = mults[out_dim]
-    m_in = 1.0
+    m_out, fan_out = mults[out_dim], shape[out_dim]
+    m_in, fan_in = 1.0, 1
     for i in in_dims:
         m_in *= mults[i]
+        fan_in *= shape[i]
     out_grows = grows[out_dim]
     in_grows = any(grows[i] for i in in_dims)
     inferred: Role
@@ -209,4 +213,4 @@ def _classify(
         inferred = "output"
     else:
         inferred = "input"  # fan_in fixed; a matrix with no growing dimension has every rule 1
-    return forced or inferred, m_in, m_out
+    return forced or inferred, m_in, m_out, fan_in, fan_out

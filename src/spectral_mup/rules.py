@@ -162,12 +162,19 @@ def init_std_multiplier(role: Role, m_in: float, readout: Readout = "multiplier"
 # ------------------------------------------------------------------------------ optimizer
 
 
-def width_lr_multiplier(family: UpdateFamily, m_in: float, m_out: float, c: float) -> float:
-    """lr ∝ sqrt(fan_out/fan_in) / N(fan_in, fan_out, c), relative to the base layer.
+def lr_scale(family: UpdateFamily, fan_in: float, fan_out: float, c: float) -> float:
+    """The spectral condition's LR: sqrt(fan_out/fan_in) / N(fan_in, fan_out, c) (§2)."""
+    return math.sqrt(fan_out / fan_in) / family.norm(fan_in, fan_out, c)
 
-    Since N is a monomial, substituting the multipliers for the fans gives the ratio."""
-    target = math.sqrt(m_out / m_in)
-    return target / family.norm(m_in, m_out, c) * family.norm(1.0, 1.0, 1.0)
+
+def width_lr_multiplier(
+    family: UpdateFamily, fan_in: float, fan_out: float, m_in: float, m_out: float, c: float
+) -> float:
+    """``lr_scale`` of the layer relative to the same layer in the base model, whose fans are
+    fan_in/m_in and fan_out/m_out and whose forward multiplier is 1."""
+    return lr_scale(family, fan_in, fan_out, c) / lr_scale(
+        family, fan_in / m_in, fan_out / m_out, 1.0
+    )
 
 
 def depth_lr_multiplier(family: UpdateFamily, m_depth: float, alpha: float) -> float:
@@ -218,6 +225,8 @@ class Scales:
 def param_scales(
     family: UpdateFamily,
     role: Role,
+    fan_in: float,
+    fan_out: float,
     m_in: float,
     m_out: float,
     m_depth: float = 1.0,
@@ -225,11 +234,13 @@ def param_scales(
     alpha: float = 1.0,
     readout: Readout = "multiplier",
 ) -> Scales:
-    """Every multiplier of one parameter (coupled weight decay). Pass m_in = m_out = m_depth
-    = 1 for SP: every rule is then 1, which is how μP equals SP at the base model."""
+    """Every multiplier of one parameter (coupled weight decay), for a layer with fans
+    ``fan_in``/``fan_out`` (a vector is a fan_in = 1 matrix) that are ``m_in``/``m_out`` times
+    the base model's. Pass m_in = m_out = m_depth = 1 for SP: every rule is then 1, which is
+    how μP equals SP at the base model."""
     c = forward_multiplier(role, m_in, readout)
     a = branch_multiplier(m_depth, alpha) if in_block else 1.0
-    lr = width_lr_multiplier(family, m_in, m_out, c)
+    lr = width_lr_multiplier(family, fan_in, fan_out, m_in, m_out, c)
     if in_block:
         lr *= depth_lr_multiplier(family, m_depth, alpha)
     return Scales(
