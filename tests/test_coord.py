@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from spectral_mup import Parametrization
-from spectral_mup.cli import COORD_LR, main
+from spectral_mup.cli import COORD_LR, DEFAULT_COORD_LR, main
 from spectral_mup.coord import coord_check, gpt_coord_check
 
 WIDTHS = (64, 128, 256, 512)
@@ -20,7 +20,7 @@ HIDDEN = ("block0.attn", "block0.mlp", "block1.attn", "block1.mlp", "residual")
 
 @pytest.fixture(scope="module")
 def adamw_width():
-    return gpt_coord_check(sizes=WIDTHS, optimizer="adamw", lr=COORD_LR["adamw"], seeds=(0, 1, 2))
+    return gpt_coord_check(sizes=WIDTHS, optimizer="adamw", lr=DEFAULT_COORD_LR, seeds=(0, 1, 2))
 
 
 def test_adamw_mup_is_flat_in_width(adamw_width):
@@ -56,7 +56,7 @@ def test_depth_alpha_one_is_flat_and_alpha_zero_grows():
         kinds=("mup",),
         depth_alphas=(1.0, 0.0),
         optimizer="adamw",
-        lr=COORD_LR["adamw"],
+        lr=DEFAULT_COORD_LR,
         width=64,
         seeds=(0, 1, 2),
     )
@@ -147,3 +147,32 @@ def test_cli_writes_png_and_json(tmp_path):
     assert set(data["depth"]["slopes"]) == {"mup α=1", "mup α=0"}
     assert data["width"]["sizes"] == [32, 64] and data["width"]["steps"] == 2
     assert all(isinstance(v, float) for v in data["width"]["slopes"]["mup"].values())
+
+
+@pytest.mark.parametrize("optimizer", ["adopt", "sophia", "lion", "lamb"])
+def test_seed_paper_optimizers_mup_flat_sp_grows(optimizer):
+    report = gpt_coord_check(
+        sizes=WIDTHS, optimizer=optimizer, lr=DEFAULT_COORD_LR, seeds=(0, 1, 2)
+    )
+    slopes = report.slopes()
+    for group, s in slopes["mup"].items():
+        assert abs(s) <= 0.2, (optimizer, group, s)
+    for group in (*HIDDEN, "logits"):
+        assert slopes["sp"][group] >= 0.5, (optimizer, group, slopes["sp"][group])
+
+
+def test_lamb_with_the_seed_papers_constant_lr_is_not_flat(monkeypatch):
+    """The measurement behind docs/RULES.md's LAMB change: with LR constant in every layer
+    (seed paper Table 2) the hidden blocks still grow with width."""
+    import dataclasses
+    import math
+
+    from spectral_mup import rules
+
+    paper = dataclasses.replace(
+        rules.FAMILIES["trust_ratio"], norm=lambda fi, fo, c: math.sqrt(fo / fi)
+    )
+    monkeypatch.setitem(rules.FAMILIES, "trust_ratio", paper)
+    report = gpt_coord_check(sizes=WIDTHS, optimizer="lamb", lr=DEFAULT_COORD_LR, seeds=(0, 1, 2))
+    hidden = [report.slope("mup", g) for g in HIDDEN]
+    assert max(hidden) > 0.2 and min(hidden) > 0.1, hidden

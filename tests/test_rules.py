@@ -50,6 +50,33 @@ def test_sgd_width_row(role, lr, wd):
     assert s.eps == 1.0  # SGD has no eps
 
 
+@pytest.mark.parametrize(
+    ("role", "lr", "eps"),
+    # lr ∝ 1/sqrt(min(fan_in, fan_out)): the base width 64 is just below the vocabulary (65),
+    # so input and readout move by sqrt(64/65) between the base and width 512
+    [
+        ("input", (64 / 65) ** 0.5, 1 / M),
+        ("hidden", M**-0.5, 1 / M),
+        ("output", (64 / 65) ** 0.5, 1 / M),
+        ("vector", 1.0, 1.0),
+    ],
+)
+def test_lamb_width_row(role, lr, eps):
+    """Measured rule (docs/RULES.md §3): hidden η/sqrt(m); λ stays inside the trust ratio."""
+    s = scales(rules.family_of("lamb"), role)
+    assert s.lr == pytest.approx(lr)
+    assert s.weight_decay == 1.0
+    assert s.eps == pytest.approx(eps)
+
+
+@pytest.mark.parametrize("optimizer", ["adopt", "sophia", "lion"])
+def test_entrywise_optimizers_share_adamw_rules(optimizer):
+    for role in rules.ROLES:
+        for alpha in rules.DEPTH_ALPHAS:
+            mine = scales(rules.family_of(optimizer), role, alpha, in_block=True)
+            assert mine == scales(ADAM, role, alpha, in_block=True)
+
+
 def test_init_and_forward_multipliers():
     assert scales(ADAM, "input").init_std == 1.0
     assert scales(ADAM, "hidden").init_std == pytest.approx(1 / math.sqrt(M))
@@ -94,7 +121,7 @@ def test_update_norm_families():
     hidden = {name: math.sqrt(n / n) / f.norm(n, n, 1.0) for name, f in rules.FAMILIES.items()}
     assert hidden["entrywise"] == pytest.approx(1 / n)
     assert hidden["orthogonalized"] == pytest.approx(1.0)
-    assert hidden["trust_ratio"] == pytest.approx(1.0)
+    assert hidden["trust_ratio"] == pytest.approx(1 / math.sqrt(n))  # measured, see RULES.md
     assert hidden["spectral_normalized"] == pytest.approx(1.0)
     assert hidden["raw_gradient"] == pytest.approx(1.0)
     # orthogonalized on every matrix: input/output η·sqrt(m) (the "Muon everywhere" row)
@@ -124,5 +151,5 @@ def test_attention_scale():
 
 def test_registry_and_rules_cover_the_same_optimizers():
     assert set(REGISTRY) == set(rules.OPTIMIZER_FAMILY)
-    with pytest.raises(KeyError, match="known: adamw, sgd"):
+    with pytest.raises(KeyError, match="known: adamw, adopt, lamb, lion, sgd, sophia"):
         rules.family_of("lion9")

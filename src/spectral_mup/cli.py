@@ -9,8 +9,10 @@ from pathlib import Path
 
 from .errors import ConfigError, SmupError
 
-# Coordinate-check LRs at which the base model trains stably for a few steps.
-COORD_LR = {"adamw": 3e-3, "sgd": 0.1}
+# Coordinate-check LRs at which the base model trains stably for a few steps
+# (3e-3 for every normalized optimizer; SGD needs a raw-gradient LR).
+COORD_LR = {"sgd": 0.1}
+DEFAULT_COORD_LR = 3e-3
 
 
 def _ints(text: str) -> list[int]:
@@ -136,7 +138,7 @@ def _coord_check(args: argparse.Namespace) -> int:
     for name in ("width", "depth", "n_heads", "steps", "seeds", "batch_size", "block_size"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
-    lr = args.lr if args.lr is not None else COORD_LR.get(args.optimizer.lower(), 1e-3)
+    lr = args.lr if args.lr is not None else COORD_LR.get(args.optimizer.lower(), DEFAULT_COORD_LR)
     widths = args.widths or ([] if args.depths else [64, 128, 256, 512])
     common = dict(
         optimizer=args.optimizer.lower(),

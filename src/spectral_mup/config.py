@@ -27,17 +27,21 @@ else:  # pragma: no cover
 
 @dataclass(frozen=True)
 class OptimSection:
-    """Base-model hyperparameters; μP rescales them per tensor. Keys an optimizer does not
-    use are ignored by it (betas/eps: AdamW; momentum/nesterov: SGD)."""
+    """Base-model hyperparameters; μP rescales lr, weight_decay and eps per tensor. Keys left
+    unset (or set to "none") take the optimizer's own default; keys an optimizer does not
+    have are ignored by it."""
 
-    name: str = "adamw"
+    name: str = "adamw"  # adamw | sgd | adopt | lamb | lion | sophia
     lr: float = 3e-3
     weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    momentum: float = 0.9
-    nesterov: bool = False
     decay_vectors: bool = False
+    betas: tuple[float, float] | None = None
+    eps: float | None = None
+    momentum: float | None = None  # sgd
+    nesterov: bool | None = None  # sgd
+    decouple: bool | None = None  # adopt: decoupled weight decay (default true)
+    rho: float | None = None  # sophia
+    hessian_interval: int | None = None  # sophia: steps between Hessian estimates
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,7 @@ def _plain(d: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
+_ALIASES = {"optimizer": "optim.name"}  # `smup train CFG --optimizer lion`
 _DERIVED = {("model", "vocab_size")}  # set from the data, never from a config
 SECTIONS: dict[str, type] = {f.name: f.type for f in fields(RunConfig)}  # type: ignore[misc]
 _SECTION_TYPES = {name: typing.get_type_hints(RunConfig)[name] for name in SECTIONS}
@@ -187,6 +192,7 @@ def _known_keys() -> dict[str, list[str]]:
 def _resolve_key(key: str) -> tuple[str, str]:
     """'train.max_iters', 'max-iters' or 'max_iters' -> ('train', 'max_iters')."""
     key = key.lstrip("-").replace("-", "_")
+    key = _ALIASES.get(key, key)
     if "." in key:
         _reject_derived(*key.split(".", 1))
     known = _known_keys()

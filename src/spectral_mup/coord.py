@@ -276,7 +276,7 @@ def gpt_coord_check(
                 depth_alpha=alpha,
                 base_width=base if axis == "width" else width,
                 base_depth=base if axis == "depth" else depth,
-            )
+            ).for_optimizer(optimizer)
 
     def build(size: int, p: Parametrization) -> nn.Module:
         w, d = (size, depth) if axis == "width" else (width, size)

@@ -6,6 +6,7 @@ This is the only place that multiplies a learning rate (rules.py says by how muc
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -97,6 +98,13 @@ class Parametrization:
         if not self.is_mup:
             return rules.attention_scale(d_head, d_head, "sp")
         return rules.attention_scale(d_head, self.base_width // n_heads, self.attention)
+
+    def for_optimizer(self, optimizer: str) -> Parametrization:
+        """Resolve the optimizer-dependent default: an optimizer whose update follows ‖W‖
+        (LAMB) cannot grow a zero-initialized readout, so it is not zero-initialized."""
+        if self.zero_init_readout is None and rules.family_of(optimizer).follows_weight:
+            return dataclasses.replace(self, zero_init_readout=False)
+        return self
 
     def scales(self, optimizer: str, info: ParamRole) -> rules.Scales:
         """All multipliers of one parameter under this parametrization."""

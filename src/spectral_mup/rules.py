@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from math import sqrt
 from typing import Literal
 
 Role = Literal["input", "hidden", "output", "vector"]
@@ -49,62 +50,50 @@ class UpdateFamily:
     decay_in_direction: bool
     """Weight decay enters the normalized direction (LAMB's λθ inside the trust ratio)."""
     source: str
+    follows_weight: bool = False
+    """The update is proportional to ‖W‖, so a zero-initialized tensor cannot grow: the
+    readout is not zero-initialized by default."""
 
 
-FAMILIES: dict[str, UpdateFamily] = {
-    f.name: f
-    for f in (
-        # sign-like updates have entries of size ~1, low stable rank: ‖Ψ‖* ≈ ‖Ψ‖_F = sqrt(fi·fo)
-        UpdateFamily(
-            "entrywise",
-            lambda fi, fo, c: c * math.sqrt(fi * fo),
-            0.0,
-            True,
-            False,
-            "Gupta et al. 2026 §3.1 / App. C; TP-V Table 3",
-        ),
-        # U·Vᵀ has every singular value 1
-        UpdateFamily(
-            "orthogonalized",
-            lambda fi, fo, c: c,
-            0.0,
-            False,
-            False,
-            "Qiu et al. 2025; Bernstein & Newhouse 2024",
-        ),
-        # φ(‖W‖)/‖u‖ · u: the update follows the weight, whose init already meets the condition
-        UpdateFamily(
-            "trust_ratio",
-            lambda fi, fo, c: math.sqrt(fo / fi),
-            0.0,
-            True,
-            True,
-            "Gupta et al. 2026 App. C.3",
-        ),
-        # the update is rescaled to the target norm explicitly
-        UpdateFamily(
-            "spectral_normalized",
-            lambda fi, fo, c: math.sqrt(fo / fi),
-            0.0,
-            False,
-            False,
-            "Qiu et al. 2025 §6",
-        ),
-        # μP gradients of the effective weight have ‖∇‖* ~ sqrt(fi/fo); W's own gradient is c·∇
-        UpdateFamily(
-            "raw_gradient",
-            lambda fi, fo, c: c * c * math.sqrt(fi / fo),
-            1.0,
-            False,
-            False,
-            "Yang, Simon & Bernstein 2023 §3 (SGD: lr ∝ fan_out/fan_in)",
-        ),
-    )
-}
+def _trust_ratio_norm(fi: float, fo: float, c: float) -> float:
+    """LAMB's ‖W‖_F/‖u‖_F · u is an entrywise direction (norm sqrt(fi·fo)) times RMS(W) of
+    a spectrally initialized raw weight, (1/sqrt(fi))·min(1, sqrt(fo/fi))/c; with the
+    forward multiplier c the effective update loses the c again. So lr ∝ 1/sqrt(min(fi, fo)):
+    hidden η/sqrt(m), input and readout η. The seed paper's ‖W‖_F ≈ ‖W‖_* (lr constant)
+    leaves hidden coordinate-check slopes of +0.16…+0.27 (docs/RULES.md)."""
+    return sqrt(fo) * min(1.0, sqrt(fo / fi))
+
+
+def _family(name, norm, k, eps, decay_in, follows_weight, source) -> UpdateFamily:
+    return UpdateFamily(name, norm, k, eps, decay_in, source, follows_weight)
+
+
+# One row per update family. norm = spectral norm of the effective update per unit LR;
+# k = gradient homogeneity; eps = Adam-like eps follows gradient entries; decay_in = λθ is
+# inside the normalized direction; follows_W = update ∝ ‖W‖ (zero init cannot grow).
+# fmt: off
+FAMILIES: dict[str, UpdateFamily] = {f.name: f for f in (
+    #       name                   N(fan_in, fan_out, c)           k    eps    decay_in follows_W
+    _family("entrywise",           lambda fi, fo, c: c * sqrt(fi * fo), 0.0, True,  False, False,
+            "sign-like entries ~1, low stable rank: ‖Ψ‖* ≈ ‖Ψ‖_F (Gupta et al. 2026 §3.1)"),
+    _family("orthogonalized",      lambda fi, fo, c: c,              0.0, False, False, False,
+            "U·Vᵀ has every singular value 1 (Qiu et al. 2025; Bernstein & Newhouse 2024)"),
+    _family("trust_ratio",         _trust_ratio_norm,                 0.0, True,  True,  True,
+            "‖W‖/‖u‖·u: a sign-like u scaled by RMS(W) (measured; docs/RULES.md §3, LAMB)"),
+    _family("spectral_normalized", lambda fi, fo, c: sqrt(fo / fi),  0.0, False, False, False,
+            "the update is rescaled to the target norm explicitly (Qiu et al. 2025)"),
+    _family("raw_gradient",        lambda fi, fo, c: c**2 * sqrt(fi / fo), 1.0, False, False, False,
+            "μP gradient of c·W has ‖∇‖* ~ sqrt(fi/fo), W's is c·∇ (Yang, Simon, Bernstein §3)"),
+)}
+# fmt: on
 
 # Each optimizer's update-norm model. Adding an optimizer to μP is one line here.
 OPTIMIZER_FAMILY: dict[str, str] = {
     "adamw": "entrywise",
+    "adopt": "entrywise",  # same Ψ as AdamW up to the order of updates (seed paper App. C.1)
+    "sophia": "entrywise",  # clip(m/(ρh), 1): entries bounded by 1, sign-like (App. C.2)
+    "lion": "entrywise",  # sign(·): every entry ±1
+    "lamb": "trust_ratio",  # φ(‖W‖)/‖u‖·u (App. C.3)
     "sgd": "raw_gradient",
 }
 

@@ -52,13 +52,15 @@ def lr_factor(cfg: RunConfig) -> Callable[[int], float]:
 
 
 def build_model(cfg: RunConfig, vocab_size: int) -> GPT:
-    return GPT(gpt_config(cfg.model, vocab_size), cfg.param)
+    return GPT(gpt_config(cfg.model, vocab_size), cfg.param.for_optimizer(cfg.optim.name))
 
 
 def build_run_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     o = cfg.optim
     spec = get_spec(o.name)
-    options = {k: getattr(o, k) for k in spec.defaults if hasattr(o, k)}
+    options = {k: getattr(o, k) for k in spec.defaults if getattr(o, k, None) is not None}
+    if "bs" in spec.defaults:  # Sophia: tokens per optimizer step
+        options["bs"] = cfg.train.batch_size * cfg.model.block_size
     return build_optimizer(
         o.name, model, cfg.param, o.lr, o.weight_decay, decay_vectors=o.decay_vectors, **options
     )
@@ -80,6 +82,24 @@ def _autocast(cfg: RunConfig):
 def loss_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     logits = model(x)
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+
+
+def update_hessian(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, cfg: RunConfig
+) -> None:
+    """Gauss–Newton–Bartlett estimate (Sophia): sample labels from the model's own
+    predictive distribution, backprop the loss on them, and let the optimizer fold the
+    squared gradients into h. Uses the global RNG (saved in checkpoints)."""
+    with _autocast(cfg):
+        logits = model(x).float()
+    flat = logits.view(-1, logits.size(-1))
+    sampled = torch.multinomial(torch.softmax(flat.detach(), dim=-1), 1).view(-1)
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(flat, sampled).backward()
+    if cfg.train.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+    opt.update_hessian()
+    opt.zero_grad(set_to_none=True)
 
 
 @torch.no_grad()
@@ -142,7 +162,8 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] | None = print) -> dict[st
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg))
     gen = torch.Generator().manual_seed(t.seed)
     ceiling = t.loss_ceiling or 2.0 * math.log(data.vocab_size)
-    hist: dict[str, list] = {"train_loss": [], "lr": [], "val": []}
+    hist: dict[str, list] = {"train_loss": [], "lr": [], "val": [], "win_rate": []}
+    hessian_every = getattr(opt, "hessian_interval", 0)  # Sophia's Hessian estimates
     state: dict[str, Any] = {
         "iter": 0,
         "best_val": math.inf,
@@ -209,6 +230,8 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] | None = print) -> dict[st
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         hist["lr"].append(sched.get_last_lr()[0])
         opt.step()
+        if hessian_every and state["iter"] % hessian_every == hessian_every - 1:
+            update_hessian(fwd, opt, x, cfg)
         sched.step()
         state["iter"] += 1
         hist["train_loss"].append(loss_value)
@@ -223,7 +246,11 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] | None = print) -> dict[st
             train_avg = sum(since_eval) / len(since_eval)
             since_eval = []
             bar.set_postfix(train=f"{train_avg:.3f}", val=f"{val:.3f}")
-            log(f"iter {it}: train {train_avg:.4f} val {val:.4f} lr {hist['lr'][-1]:.3g}")
+            extra = ""
+            if hessian_every:
+                hist["win_rate"].append([it, opt.last_win_rate])
+                extra = f" win rate {opt.last_win_rate:.3f}"
+            log(f"iter {it}: train {train_avg:.4f} val {val:.4f} lr {hist['lr'][-1]:.3g}{extra}")
             if not math.isfinite(val) or val > ceiling:
                 status, stop_reason, diverged_at = "diverged", "diverged", it
                 log(f"diverged at iteration {it}: val loss {val:.4g}")

@@ -6,6 +6,7 @@ AdamW and SGD are torch's own; the update family of every name lives in
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,12 @@ from torch import nn
 from .. import rules
 from ..errors import ConfigError
 from ..parametrize import Parametrization, param_groups
+from .adopt import ADOPT
+from .lamb import LAMB
+from .lion import Lion
+from .sophia import SophiaG
+
+__all__ = ["ADOPT", "LAMB", "REGISTRY", "Lion", "SophiaG", "build_optimizer", "get_spec"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,12 @@ class OptimizerSpec:
 REGISTRY: dict[str, OptimizerSpec] = {
     "adamw": OptimizerSpec(torch.optim.AdamW, {"betas": (0.9, 0.95), "eps": 1e-8}, "eps"),
     "sgd": OptimizerSpec(torch.optim.SGD, {"momentum": 0.9, "nesterov": False}),
+    "adopt": OptimizerSpec(ADOPT, {"betas": (0.9, 0.9999), "eps": 1e-6, "decouple": True}, "eps"),
+    "lamb": OptimizerSpec(LAMB, {"betas": (0.9, 0.999), "eps": 1e-6}, "eps"),
+    "lion": OptimizerSpec(Lion, {"betas": (0.9, 0.99)}),
+    "sophia": OptimizerSpec(
+        SophiaG, {"betas": (0.965, 0.99), "rho": 0.04, "bs": 5120, "hessian_interval": 10}
+    ),
 }
 assert set(REGISTRY) == set(rules.OPTIMIZER_FAMILY), "every optimizer needs a scaling rule"
 
@@ -61,8 +74,8 @@ def build_optimizer(
     """A registered optimizer over ``model`` with per-tensor μP lr / wd / eps groups.
 
     ``lr``, ``weight_decay`` and ``eps`` are the base model's values; every other keyword
-    goes to the optimizer unchanged (defaults: AdamW betas (0.9, 0.95), eps 1e-8; SGD
-    momentum 0.9).
+    goes to the optimizer unchanged (defaults: ``REGISTRY[name].defaults``; ADOPT decouples
+    its weight decay, as when it replaces AdamW).
     """
     spec = get_spec(name)
     if not lr > 0:
@@ -74,6 +87,20 @@ def build_optimizer(
     groups = param_groups(
         model, p, name.lower(), lr, weight_decay, eps=eps, roles=roles, decay_vectors=decay_vectors
     )
+    if rules.family_of(name.lower()).follows_weight:
+        frozen = [
+            n
+            for g in groups
+            for n, t in zip(g["names"], g["params"], strict=True)
+            if t.ndim >= 2 and not t.any()
+        ]
+        if frozen:
+            warnings.warn(
+                f"{name}: the update is proportional to ‖W‖, so zero-initialized {frozen} "
+                "cannot grow; build the model with p.for_optimizer(name) or "
+                "zero_init_readout=False",
+                stacklevel=2,
+            )
     try:
         return spec.cls(groups, lr=lr, **options)
     except TypeError as exc:
