@@ -74,12 +74,9 @@ class LAMB(Optimizer):
                 if group["weight_decay"] != 0:
                     update.add_(p, alpha=group["weight_decay"])
                 weight_norm = p.norm()
-                if clamp is not None:
-                    weight_norm = weight_norm.clamp(clamp[0], clamp[1])
+                phi = weight_norm if clamp is None else weight_norm.clamp(clamp[0], clamp[1])
                 update_norm = update.norm()
-                trust = torch.where(
-                    (weight_norm > 0) & (update_norm > 0), weight_norm / update_norm, 1.0
-                )
+                trust = torch.where((weight_norm > 0) & (update_norm > 0), phi / update_norm, 1.0)
                 state["trust_ratio"] = trust
                 p.add_(update * trust, alpha=-group["lr"])
         return loss
