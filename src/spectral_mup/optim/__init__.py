@@ -77,7 +77,7 @@ def build_optimizer(
     goes to the optimizer unchanged (defaults: ``REGISTRY[name].defaults``; ADOPT decouples
     its weight decay, as when it replaces AdamW).
     """
-    spec = get_spec(name)
+    spec, name = get_spec(name), name.lower()
     if not lr > 0:
         raise ConfigError(f"lr must be > 0, got {lr!r}")
     if weight_decay < 0:
@@ -85,9 +85,9 @@ def build_optimizer(
     options = {**spec.defaults, **kwargs}
     eps = options.pop(spec.eps_key) if spec.eps_key else None
     groups = param_groups(
-        model, p, name.lower(), lr, weight_decay, eps=eps, roles=roles, decay_vectors=decay_vectors
+        model, p, name, lr, weight_decay, eps=eps, roles=roles, decay_vectors=decay_vectors
     )
-    if rules.family_of(name.lower()).follows_weight:
+    if rules.family_of(name).follows_weight:
         frozen = [
             n
             for g in groups
