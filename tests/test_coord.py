@@ -176,3 +176,20 @@ def test_lamb_with_the_seed_papers_constant_lr_is_not_flat(monkeypatch):
     report = gpt_coord_check(sizes=WIDTHS, optimizer="lamb", lr=DEFAULT_COORD_LR, seeds=(0, 1, 2))
     hidden = [report.slope("mup", g) for g in HIDDEN]
     assert max(hidden) > 0.2 and min(hidden) > 0.1, hidden
+
+
+def test_muon_spectral_factor_mup_flat_sp_grows():
+    """Muon on hidden matrices (shape factor sqrt(fan_out/fan_in), lr 0.02), AdamW rules on
+    the rest (adam_lr 3e-3)."""
+    report = gpt_coord_check(
+        sizes=WIDTHS,
+        optimizer="muon",
+        lr=0.02,
+        seeds=(0, 1, 2),
+        optimizer_kwargs={"adam_lr": DEFAULT_COORD_LR},
+    )
+    slopes = report.slopes()
+    for group, s in slopes["mup"].items():
+        assert abs(s) <= 0.2, (group, s)
+    for group in (*HIDDEN, "logits"):
+        assert slopes["sp"][group] >= 0.5, (group, slopes["sp"][group])

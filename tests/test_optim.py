@@ -498,7 +498,11 @@ def test_state_dict_exact_resume(name, one_thread):
 
 def make(name: str, params, **kw):
     spec = REGISTRY[name]
-    return spec.cls(params, **{"lr": 1e-2, **spec.defaults, **kw})
+    # adam_lr/adam_weight_decay are build_optimizer's (they set the AdamW part's groups)
+    options = {k: v for k, v in spec.defaults.items() if not k.startswith("adam_")}
+    if name == "muon":  # vectors go to Muon's AdamW part
+        params = [{"params": [p], "aux": p.ndim < 2} for p in params]
+    return spec.cls(params, **{"lr": 1e-2, **options, **kw})
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))

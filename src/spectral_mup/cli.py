@@ -11,7 +11,7 @@ from .errors import ConfigError, SmupError
 
 # Coordinate-check LRs at which the base model trains stably for a few steps
 # (3e-3 for every normalized optimizer; SGD needs a raw-gradient LR).
-COORD_LR = {"sgd": 0.1}
+COORD_LR = {"sgd": 0.1, "muon": 0.02}
 DEFAULT_COORD_LR = 3e-3
 
 
@@ -61,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     cc = sub.add_parser("coord-check", help="coordinate check over widths and/or depths, SP vs μP")
     cc.add_argument("--optimizer", default="adamw")
     cc.add_argument("--lr", type=float, default=None, help="base LR (default: per optimizer)")
+    cc.add_argument(
+        "--adam-lr", type=float, default=None, help="Muon: base LR of its AdamW part (default 3e-3)"
+    )
+    cc.add_argument("--shape-factor", default=None, help="Muon: spectral | original | moonlight")
     cc.add_argument("--param", type=_kinds, default=["sp", "mup"], help="sp,mup")
     cc.add_argument("--widths", type=_ints, default=None, help="e.g. 64,128,256,512")
     cc.add_argument(
@@ -134,7 +138,14 @@ def _coord_check(args: argparse.Namespace) -> int:
     from .fileio import write_json
     from .optim import get_spec
 
-    get_spec(args.optimizer)
+    spec = get_spec(args.optimizer)
+    optimizer_kwargs = {}
+    if "adam_lr" in spec.defaults:
+        optimizer_kwargs["adam_lr"] = args.adam_lr or DEFAULT_COORD_LR
+    if args.shape_factor is not None:
+        if "shape_factor" not in spec.defaults:
+            raise ConfigError(f"--shape-factor applies to muon, not {args.optimizer}")
+        optimizer_kwargs["shape_factor"] = args.shape_factor
     for name in ("width", "depth", "n_heads", "steps", "seeds", "batch_size", "block_size"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
@@ -151,6 +162,7 @@ def _coord_check(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         block_size=args.block_size,
         data=args.data,
+        optimizer_kwargs=optimizer_kwargs,
         progress=not args.quiet,
     )
     for w in [*widths, args.width]:

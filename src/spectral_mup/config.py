@@ -40,6 +40,9 @@ class OptimSection:
     momentum: float | None = None  # sgd
     nesterov: bool | None = None  # sgd
     decouple: bool | None = None  # adopt: decoupled weight decay (default true)
+    adam_lr: float | None = None  # muon: base LR of the AdamW part (embeddings, head, vectors)
+    adam_weight_decay: float | None = None  # muon: weight decay of the AdamW part
+    shape_factor: str | None = None  # muon: spectral | original | moonlight
     rho: float | None = None  # sophia
     hessian_interval: int | None = None  # sophia: steps between Hessian estimates
 

@@ -7,6 +7,7 @@ This is the only place that multiplies a learning rate (rules.py says by how muc
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -106,9 +107,11 @@ class Parametrization:
             return dataclasses.replace(self, zero_init_readout=False)
         return self
 
-    def scales(self, optimizer: str, info: ParamRole) -> rules.Scales:
+    def scales(
+        self, optimizer: str, info: ParamRole, shape_factor: str | None = None
+    ) -> rules.Scales:
         """All multipliers of one parameter under this parametrization."""
-        family = rules.family_of(optimizer)
+        family = rules.family_of(optimizer, info.role, shape_factor)
         if not self.is_mup:
             return rules.param_scales(family, info.role, info.fan_in, info.fan_out, 1.0, 1.0)
         return rules.param_scales(
@@ -236,22 +239,34 @@ def param_groups(
     eps: float | None = None,
     roles: dict[str, ParamRole] | None = None,
     decay_vectors: bool = False,
+    shape_factor: str | None = None,
+    aux: dict[str, float] | None = None,
+    splits: dict[str, int] | None = None,
 ) -> list[dict[str, Any]]:
     """Param groups with per-tensor ``lr``, ``weight_decay`` and (if given) ``eps``.
 
     One group per distinct set of values; each group also records ``role``, ``lr_mult``
     and the parameter ``names``. Vectors get no weight decay unless ``decay_vectors``.
+    For an optimizer with two rules (Muon), parameters of the auxiliary rule take their
+    base ``lr``/``weight_decay`` from ``aux`` and their group has ``aux=True``.
+    ``shape_factor`` names the factor an orthogonalizing optimizer applies (rules.py);
+    ``splits`` maps glob patterns to a number of equal row blocks (``split`` key).
     """
     roles = roles if roles is not None else model_roles(model)
-    family = rules.family_of(optimizer)
+    routed = not isinstance(rules.OPTIMIZER_FAMILY[optimizer], str)
     groups: dict[tuple, dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         info = _role_of(roles, name)
-        s = p.scales(optimizer, info)
-        group_lr = lr * s.lr
-        lam = weight_decay if (info.role != "vector" or decay_vectors) else 0.0
+        is_aux = routed and rules.is_auxiliary(optimizer, info.role)
+        base_lr, base_wd = (
+            (aux["lr"], aux["weight_decay"]) if is_aux and aux else (lr, weight_decay)
+        )
+        family = rules.family_of(optimizer, info.role, shape_factor)
+        s = p.scales(optimizer, info, shape_factor)
+        group_lr = base_lr * s.lr
+        lam = base_wd if (info.role != "vector" or decay_vectors) else 0.0
         if p.wd_mode == "coupled":
             wd = lam * s.weight_decay
         else:
@@ -259,7 +274,8 @@ def param_groups(
             if p.is_mup and p.wd_width_scaling == "inverse":
                 width_factor = 1.0 / info.width_mult
             wd = rules.independent_weight_decay(family, lam, group_lr, width_factor)
-        key = (info.role, info.in_block, group_lr, wd, s.eps)
+        split = next((k for pat, k in (splits or {}).items() if fnmatch.fnmatchcase(name, pat)), 1)
+        key = (info.role, info.in_block, group_lr, wd, s.eps, is_aux, split)
         if key not in groups:
             groups[key] = {
                 "params": [],
@@ -272,6 +288,10 @@ def param_groups(
             }
             if eps is not None:
                 groups[key]["eps"] = eps * s.eps
+            if routed:
+                groups[key]["aux"] = is_aux
+            if splits:
+                groups[key]["split"] = split
         groups[key]["params"].append(param)
         groups[key]["names"].append(canonical_name(name))
     return list(groups.values())

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import sqrt
 from typing import Literal
 
@@ -87,8 +87,19 @@ FAMILIES: dict[str, UpdateFamily] = {f.name: f for f in (
 )}
 # fmt: on
 
-# Each optimizer's update-norm model. Adding an optimizer to μP is one line here.
-OPTIMIZER_FAMILY: dict[str, str] = {
+# Shape factors an orthogonalizing optimizer multiplies its U·Vᵀ by (RULES.md §3, Muon).
+# The library owns the factor: its effect is part of the update-norm model, so μP's LR
+# multiplier never stacks a second width factor on top of it.
+SHAPE_FACTORS: dict[str, Callable[[float, float], float]] = {
+    "spectral": lambda fi, fo: sqrt(fo / fi),  # μP: ‖update‖* = sqrt(fan_out/fan_in)
+    "original": lambda fi, fo: sqrt(max(1.0, fo / fi)),  # Keller Jordan; torch.optim.Muon
+    "moonlight": lambda fi, fo: 0.2 * sqrt(max(fi, fo)),  # Moonlight: update RMS ≈ 0.2
+}
+
+# Each optimizer's update-norm model. Adding an optimizer to μP is one line here. An
+# optimizer that routes parameters to two update rules maps roles to families ("*": rest).
+OPTIMIZER_FAMILY: dict[str, str | dict[str, str]] = {
+    "muon": {"hidden": "orthogonalized", "*": "entrywise"},  # NS(momentum) on hidden; AdamW rest
     "adamw": "entrywise",
     "adopt": "entrywise",  # same Ψ as AdamW up to the order of updates (seed paper App. C.1)
     "sophia": "entrywise",  # clip(m/(ρh), 1): entries bounded by 1, sign-like (App. C.2)
@@ -98,13 +109,34 @@ OPTIMIZER_FAMILY: dict[str, str] = {
 }
 
 
-def family_of(optimizer: str) -> UpdateFamily:
-    """The update family of a registered optimizer name."""
+def family_name(optimizer: str, role: Role = "hidden") -> str:
+    """The name of the family that governs parameters of ``role`` under ``optimizer``."""
     try:
-        return FAMILIES[OPTIMIZER_FAMILY[optimizer]]
+        entry = OPTIMIZER_FAMILY[optimizer]
     except KeyError:
         known = ", ".join(sorted(OPTIMIZER_FAMILY))
         raise KeyError(f"no scaling rule for optimizer {optimizer!r} (known: {known})") from None
+    return entry if isinstance(entry, str) else entry.get(role, entry["*"])
+
+
+def is_auxiliary(optimizer: str, role: Role) -> bool:
+    """True when ``role`` goes to the optimizer's auxiliary rule (Muon's AdamW part)."""
+    entry = OPTIMIZER_FAMILY[optimizer]
+    return not isinstance(entry, str) and role not in entry
+
+
+def family_of(
+    optimizer: str, role: Role = "hidden", shape_factor: str | None = None
+) -> UpdateFamily:
+    """The update family of a parameter of ``role`` under a registered optimizer; an
+    orthogonalized update multiplied by a shape factor f has norm model c·f(fan_in, fan_out)."""
+    family = FAMILIES[family_name(optimizer, role)]
+    if shape_factor is not None and family.name == "orthogonalized":
+        factor = SHAPE_FACTORS[shape_factor]
+        family = replace(
+            family, name=f"orthogonalized·{shape_factor}", norm=lambda fi, fo, c: c * factor(fi, fo)
+        )
+    return family
 
 
 # --------------------------------------------------------------------------- forward pass

@@ -131,6 +131,8 @@ class GPT(nn.Module):
         if _bare:
             return
         self.smup_roles: dict[str, ParamRole] = gpt_roles(config, p)
+        # logical sub-matrices for optimizers that orthogonalize (fused q, k, v)
+        self.smup_splits = {"blocks.*.attn.c_attn.weight": 3}
         self.reset_parameters()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:

@@ -20,9 +20,10 @@ from ..parametrize import Parametrization, param_groups
 from .adopt import ADOPT
 from .lamb import LAMB
 from .lion import Lion
+from .muon import Muon
 from .sophia import SophiaG
 
-__all__ = ["ADOPT", "LAMB", "REGISTRY", "Lion", "SophiaG", "build_optimizer", "get_spec"]
+__all__ = ["ADOPT", "LAMB", "REGISTRY", "Lion", "Muon", "SophiaG", "build_optimizer", "get_spec"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,20 @@ REGISTRY: dict[str, OptimizerSpec] = {
     "adopt": OptimizerSpec(ADOPT, {"betas": (0.9, 0.9999), "eps": 1e-6, "decouple": True}, "eps"),
     "lamb": OptimizerSpec(LAMB, {"betas": (0.9, 0.999), "eps": 1e-6}, "eps"),
     "lion": OptimizerSpec(Lion, {"betas": (0.9, 0.99)}),
+    # lr/weight_decay are the Muon part's; adam_lr/adam_weight_decay the AdamW part's
+    "muon": OptimizerSpec(
+        Muon,
+        {
+            "momentum": 0.95,
+            "nesterov": True,
+            "shape_factor": "spectral",
+            "betas": (0.9, 0.95),
+            "eps": 1e-8,
+            "adam_lr": 3e-4,
+            "adam_weight_decay": 0.0,
+        },
+        "eps",
+    ),
     "sophia": OptimizerSpec(
         SophiaG, {"betas": (0.965, 0.99), "rho": 0.04, "bs": 5120, "hessian_interval": 10}
     ),
@@ -84,8 +99,28 @@ def build_optimizer(
         raise ConfigError(f"weight_decay must be >= 0, got {weight_decay!r}")
     options = {**spec.defaults, **kwargs}
     eps = options.pop(spec.eps_key) if spec.eps_key else None
+    if options.get("shape_factor", "spectral") not in rules.SHAPE_FACTORS:
+        raise ConfigError(
+            f"unknown shape_factor {options['shape_factor']!r}; use one of "
+            f"{', '.join(rules.SHAPE_FACTORS)}"
+        )
+    aux = None
+    if "adam_lr" in options:  # an optimizer with an AdamW part (Muon)
+        aux = {"lr": options.pop("adam_lr"), "weight_decay": options.pop("adam_weight_decay")}
+        if not aux["lr"] > 0 or aux["weight_decay"] < 0:
+            raise ConfigError(f"adam_lr must be > 0 and adam_weight_decay >= 0, got {aux}")
     groups = param_groups(
-        model, p, name, lr, weight_decay, eps=eps, roles=roles, decay_vectors=decay_vectors
+        model,
+        p,
+        name,
+        lr,
+        weight_decay,
+        eps=eps,
+        roles=roles,
+        decay_vectors=decay_vectors,
+        shape_factor=options.get("shape_factor"),
+        aux=aux,
+        splits=getattr(model, "smup_splits", None) if aux is not None else None,
     )
     if rules.family_of(name).follows_weight:
         frozen = [
@@ -103,5 +138,5 @@ def build_optimizer(
             )
     try:
         return spec.cls(groups, lr=lr, **options)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"bad option for optimizer {name!r}: {exc}") from None

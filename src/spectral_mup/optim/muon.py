@@ -1,0 +1,188 @@
+"""Muon (Keller Jordan et al. 2024): momentum, then Newton–Schulz orthogonalization, on the
+hidden matrices; an AdamW rule for everything else — one optimizer, one ``state_dict``.
+
+Muon groups (``aux=False``):
+    m ← lerp(m, g, 1−μ);  u = lerp(g, m, μ) (Nesterov) or m;
+    O = NS5(u) per logical sub-block (``split`` equal row blocks, e.g. fused Q, K, V),
+        batched over every sub-block of the same shape;
+    θ ← θ·(1 − lr·λ) − lr·f(fan_out, fan_in)·O
+with the shape factor f: ``"spectral"`` sqrt(fan_out/fan_in) (μP), ``"original"``
+sqrt(max(1, fan_out/fan_in)) (torch.optim.Muon) or ``"moonlight"`` 0.2·sqrt(max(fan_out,
+fan_in)). NS5 uses the quintic (3.4445, −4.7750, 2.0315), five steps, on X/‖X‖_F, in bf16
+on accelerators and fp32 on CPU unless ``ns_dtype`` says otherwise.
+
+AdamW groups (``aux=True``): torch's AdamW step with the group's lr, betas, eps and
+weight_decay.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable
+
+import torch
+from torch.optim import Optimizer
+
+from ..rules import SHAPE_FACTORS
+from .adopt import _check
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(
+    g: torch.Tensor,
+    steps: int = 5,
+    coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    eps: float = 1e-7,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Approximate U·Vᵀ of each matrix in ``g`` (shape (..., rows, cols)), returned in the
+    iteration's dtype; singular values land in about [0.68, 1.14]. Scale-invariant: the
+    input is divided by its Frobenius norm."""
+    a, b, c = coefficients
+    x = g.reshape(-1, *g.shape[-2:]).to(dtype or g.dtype)
+    wide = x.size(-2) <= x.size(-1)
+    if not wide:
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp_(min=eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x if wide else x.mT).reshape(g.shape)
+
+
+class Muon(Optimizer):
+    """Args:
+    lr, momentum, nesterov, weight_decay: the Muon part (Keller's defaults: 0.02, 0.95, True).
+    shape_factor: ``"spectral"`` (default; μP), ``"original"`` or ``"moonlight"``.
+    ns_steps, ns_coefficients, ns_eps, ns_dtype: the Newton–Schulz iteration.
+    betas, eps: the AdamW part (groups with ``aux=True``; their lr/weight_decay are per group).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        shape_factor: str = "spectral",
+        ns_steps: int = 5,
+        ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+        ns_eps: float = 1e-7,
+        ns_dtype: torch.dtype | None = None,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+    ):
+        _check(lr=lr, weight_decay=weight_decay, eps=eps, betas=betas)
+        if shape_factor not in SHAPE_FACTORS:
+            raise ValueError(
+                f"shape_factor must be one of {sorted(SHAPE_FACTORS)}, got {shape_factor!r}"
+            )
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"invalid momentum {momentum}: must be in [0, 1)")
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            shape_factor=shape_factor,
+            ns_steps=ns_steps,
+            ns_coefficients=tuple(ns_coefficients),
+            ns_eps=ns_eps,
+            betas=betas,
+            eps=eps,
+            aux=False,
+            split=1,
+        )
+        self.ns_dtype = ns_dtype
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if not group["aux"]:
+            for p in group["params"]:
+                if p.ndim < 2 or p.size(0) % group["split"]:
+                    raise ValueError(
+                        f"Muon needs matrices whose rows split into {group['split']} blocks; "
+                        f"got shape {tuple(p.shape)} (route it to the AdamW part: aux=True)"
+                    )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        pending = []  # (group, param, blocks of the update)
+        for group in self.param_groups:
+            if group["aux"]:
+                self._adamw(group)
+                continue
+            mu = group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["momentum_buffer"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format
+                    )
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - mu)
+                update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
+                k = group["split"]
+                pending.append((group, p, update.reshape(k, p.size(0) // k, -1)))
+        for group, p, ortho in self._orthogonalize(pending):
+            rows, cols = ortho.shape[-2:]
+            scale = SHAPE_FACTORS[group["shape_factor"]](cols, rows)
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_(ortho.reshape(p.shape), alpha=-group["lr"] * scale)
+        return loss
+
+    def _orthogonalize(self, pending):
+        """NS5 on every block, batched over blocks of the same shape, dtype and settings."""
+        batches = defaultdict(list)
+        for i, (group, p, blocks) in enumerate(pending):
+            dtype = self.ns_dtype or (torch.float32 if p.device.type == "cpu" else torch.bfloat16)
+            key = (
+                tuple(blocks.shape[-2:]),
+                p.device,
+                p.dtype,
+                dtype,
+                group["ns_steps"],
+                group["ns_coefficients"],
+                group["ns_eps"],
+            )
+            batches[key].append(i)
+        results = [None] * len(pending)
+        for (_, _, _, dtype, steps, coeffs, eps), members in batches.items():
+            stacked = torch.cat([pending[i][2].to(dtype) for i in members])
+            ortho = newton_schulz(stacked, steps, coeffs, eps, dtype)
+            offset = 0
+            for i in members:
+                k = pending[i][2].size(0)
+                results[i] = ortho[offset : offset + k]
+                offset += k
+        return [(group, p, results[i]) for i, (group, p, _) in enumerate(pending)]
+
+    def _adamw(self, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            t = state["step"].item()
+            p.mul_(1 - lr * wd)
+            state["exp_avg"].lerp_(p.grad, 1 - beta1)
+            state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
+            p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
