@@ -193,3 +193,18 @@ def test_muon_spectral_factor_mup_flat_sp_grows():
         assert abs(s) <= 0.2, (group, s)
     for group in (*HIDDEN, "logits"):
         assert slopes["sp"][group] >= 0.5, (group, slopes["sp"][group])
+
+
+def test_spectral_normalized_adamw_mup_flat_sp_grows():
+    report = gpt_coord_check(
+        sizes=WIDTHS,
+        optimizer="adamw",
+        lr=DEFAULT_COORD_LR,
+        seeds=(0, 1, 2),
+        optimizer_kwargs={"spectral_normalize": True},
+    )
+    slopes = report.slopes()
+    for group, s in slopes["mup"].items():
+        assert abs(s) <= 0.2, (group, s)
+    for group in (*HIDDEN, "logits"):
+        assert slopes["sp"][group] >= 0.5, (group, slopes["sp"][group])

@@ -65,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
         "--adam-lr", type=float, default=None, help="Muon: base LR of its AdamW part (default 3e-3)"
     )
     cc.add_argument("--shape-factor", default=None, help="Muon: spectral | original | moonlight")
+    cc.add_argument(
+        "--spectral-normalize",
+        action="store_true",
+        help="wrap the optimizer in SpectralNormalized (RULES.md §6)",
+    )
     cc.add_argument("--param", type=_kinds, default=["sp", "mup"], help="sp,mup")
     cc.add_argument("--widths", type=_ints, default=None, help="e.g. 64,128,256,512")
     cc.add_argument(
@@ -146,6 +151,8 @@ def _coord_check(args: argparse.Namespace) -> int:
         if "shape_factor" not in spec.defaults:
             raise ConfigError(f"--shape-factor applies to muon, not {args.optimizer}")
         optimizer_kwargs["shape_factor"] = args.shape_factor
+    if args.spectral_normalize:
+        optimizer_kwargs["spectral_normalize"] = True
     for name in ("width", "depth", "n_heads", "steps", "seeds", "batch_size", "block_size"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")

@@ -35,6 +35,7 @@ class OptimSection:
     lr: float = 3e-3
     weight_decay: float = 0.0
     decay_vectors: bool = False
+    spectral_normalize: bool = False  # wrap in SpectralNormalized (Qiu et al.; RULES.md §6)
     betas: tuple[float, float] | None = None
     eps: float | None = None
     momentum: float | None = None  # sgd

@@ -108,10 +108,14 @@ class Parametrization:
         return self
 
     def scales(
-        self, optimizer: str, info: ParamRole, shape_factor: str | None = None
+        self,
+        optimizer: str,
+        info: ParamRole,
+        shape_factor: str | None = None,
+        spectral_normalized: bool = False,
     ) -> rules.Scales:
         """All multipliers of one parameter under this parametrization."""
-        family = rules.family_of(optimizer, info.role, shape_factor)
+        family = rules.family_of(optimizer, info.role, shape_factor, spectral_normalized)
         if not self.is_mup:
             return rules.param_scales(family, info.role, info.fan_in, info.fan_out, 1.0, 1.0)
         return rules.param_scales(
@@ -242,6 +246,7 @@ def param_groups(
     shape_factor: str | None = None,
     aux: dict[str, float] | None = None,
     splits: dict[str, int] | None = None,
+    spectral_normalize: bool = False,
 ) -> list[dict[str, Any]]:
     """Param groups with per-tensor ``lr``, ``weight_decay`` and (if given) ``eps``.
 
@@ -251,6 +256,7 @@ def param_groups(
     base ``lr``/``weight_decay`` from ``aux`` and their group has ``aux=True``.
     ``shape_factor`` names the factor an orthogonalizing optimizer applies (rules.py);
     ``splits`` maps glob patterns to a number of equal row blocks (``split`` key).
+    ``spectral_normalize``: matrices follow §6 and groups carry ``forward_mult``.
     """
     roles = roles if roles is not None else model_roles(model)
     routed = not isinstance(rules.OPTIMIZER_FAMILY[optimizer], str)
@@ -263,8 +269,8 @@ def param_groups(
         base_lr, base_wd = (
             (aux["lr"], aux["weight_decay"]) if is_aux and aux else (lr, weight_decay)
         )
-        family = rules.family_of(optimizer, info.role, shape_factor)
-        s = p.scales(optimizer, info, shape_factor)
+        family = rules.family_of(optimizer, info.role, shape_factor, spectral_normalize)
+        s = p.scales(optimizer, info, shape_factor, spectral_normalize)
         group_lr = base_lr * s.lr
         lam = base_wd if (info.role != "vector" or decay_vectors) else 0.0
         if p.wd_mode == "coupled":
@@ -292,6 +298,8 @@ def param_groups(
                 groups[key]["aux"] = is_aux
             if splits:
                 groups[key]["split"] = split
+            if spectral_normalize:
+                groups[key]["forward_mult"] = s.forward
         groups[key]["params"].append(param)
         groups[key]["names"].append(canonical_name(name))
     return list(groups.values())

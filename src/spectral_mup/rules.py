@@ -126,10 +126,16 @@ def is_auxiliary(optimizer: str, role: Role) -> bool:
 
 
 def family_of(
-    optimizer: str, role: Role = "hidden", shape_factor: str | None = None
+    optimizer: str,
+    role: Role = "hidden",
+    shape_factor: str | None = None,
+    spectral_normalized: bool = False,
 ) -> UpdateFamily:
     """The update family of a parameter of ``role`` under a registered optimizer; an
-    orthogonalized update multiplied by a shape factor f has norm model c·f(fan_in, fan_out)."""
+    orthogonalized update multiplied by a shape factor f has norm model c·f(fan_in, fan_out);
+    under explicit spectral normalization every matrix is ``spectral_normalized`` (§6)."""
+    if spectral_normalized and role != "vector":
+        return FAMILIES["spectral_normalized"]
     family = FAMILIES[family_name(optimizer, role)]
     if shape_factor is not None and family.name == "orthogonalized":
         factor = SHAPE_FACTORS[shape_factor]

@@ -62,7 +62,14 @@ def build_run_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.O
     if "bs" in spec.defaults:  # Sophia: tokens per optimizer step
         options["bs"] = cfg.train.batch_size * cfg.model.block_size
     return build_optimizer(
-        o.name, model, cfg.param, o.lr, o.weight_decay, decay_vectors=o.decay_vectors, **options
+        o.name,
+        model,
+        cfg.param,
+        o.lr,
+        o.weight_decay,
+        decay_vectors=o.decay_vectors,
+        spectral_normalize=o.spectral_normalize,
+        **options,
     )
 
 

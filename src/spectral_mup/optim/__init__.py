@@ -22,8 +22,19 @@ from .lamb import LAMB
 from .lion import Lion
 from .muon import Muon
 from .sophia import SophiaG
+from .spectral import SpectralNormalized
 
-__all__ = ["ADOPT", "LAMB", "REGISTRY", "Lion", "Muon", "SophiaG", "build_optimizer", "get_spec"]
+__all__ = [
+    "ADOPT",
+    "LAMB",
+    "REGISTRY",
+    "Lion",
+    "Muon",
+    "SophiaG",
+    "SpectralNormalized",
+    "build_optimizer",
+    "get_spec",
+]
 
 
 @dataclass(frozen=True)
@@ -84,13 +95,16 @@ def build_optimizer(
     *,
     roles: dict | None = None,
     decay_vectors: bool = False,
+    spectral_normalize: bool = False,
     **kwargs: Any,
 ) -> torch.optim.Optimizer:
     """A registered optimizer over ``model`` with per-tensor μP lr / wd / eps groups.
 
     ``lr``, ``weight_decay`` and ``eps`` are the base model's values; every other keyword
     goes to the optimizer unchanged (defaults: ``REGISTRY[name].defaults``; ADOPT decouples
-    its weight decay, as when it replaces AdamW).
+    its weight decay, as when it replaces AdamW). ``spectral_normalize`` wraps the optimizer
+    in ``SpectralNormalized`` (every matrix update rescaled to its target spectral norm; μP
+    LR multipliers 1).
     """
     spec, name = get_spec(name), name.lower()
     if not lr > 0:
@@ -121,6 +135,7 @@ def build_optimizer(
         shape_factor=options.get("shape_factor"),
         aux=aux,
         splits=getattr(model, "smup_splits", None) if aux is not None else None,
+        spectral_normalize=spectral_normalize,
     )
     if rules.family_of(name).follows_weight:
         frozen = [
@@ -137,6 +152,7 @@ def build_optimizer(
                 stacklevel=2,
             )
     try:
-        return spec.cls(groups, lr=lr, **options)
+        opt = spec.cls(groups, lr=lr, **options)
+        return SpectralNormalized(opt) if spectral_normalize else opt
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"bad option for optimizer {name!r}: {exc}") from None
