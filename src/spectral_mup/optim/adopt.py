@@ -10,13 +10,12 @@ initialized then, not divided by ε (the official foreach path's edge case).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-from torch.optim import Optimizer
+
+from .base import ParamwiseOptimizer, check_hparams
 
 
-class ADOPT(Optimizer):
+class ADOPT(ParamwiseOptimizer):
     """ADOPT with the official defaults.
 
     Args:
@@ -38,7 +37,7 @@ class ADOPT(Optimizer):
         *,
         maximize: bool = False,
     ):
-        _check(lr=lr, eps=eps, weight_decay=weight_decay, betas=betas)
+        check_hparams(lr=lr, eps=eps, weight_decay=weight_decay, betas=betas)
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -50,51 +49,24 @@ class ADOPT(Optimizer):
         )
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("ADOPT does not support sparse gradients")
-                grad = -p.grad if group["maximize"] else p.grad
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if wd != 0 and not group["decouple"]:
-                    grad = grad.add(p, alpha=wd)
-                step = int(state["step"].item())
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                state["step"] += 1
-                if step == 0:
-                    exp_avg_sq.addcmul_(grad, grad)
-                    continue
-                if wd != 0 and group["decouple"]:
-                    p.add_(p, alpha=-lr * wd)
-                normed = grad.div(torch.clamp(exp_avg_sq.sqrt(), eps))
-                if group["clip_exponent"] is not None:
-                    clip = step ** group["clip_exponent"]
-                    normed.clamp_(-clip, clip)
-                exp_avg.lerp_(normed, 1 - beta1)
-                p.add_(exp_avg, alpha=-lr)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        return loss
-
-
-def _check(**values) -> None:
-    """Reject invalid hyperparameters with a ValueError that names them."""
-    for name, value in values.items():
-        if name == "betas":
-            if not all(0.0 <= b < 1.0 for b in value):
-                raise ValueError(f"invalid betas {value}: each must be in [0, 1)")
-        elif not value >= 0.0:
-            raise ValueError(f"invalid {name} {value}: must be >= 0")
+    def update(self, group: dict, p: torch.Tensor, grad: torch.Tensor, state: dict) -> None:
+        beta1, beta2 = group["betas"]
+        lr, wd = group["lr"], group["weight_decay"]
+        self.zeros(state, p, "exp_avg", "exp_avg_sq")
+        if wd != 0 and not group["decouple"]:
+            grad = grad.add(p, alpha=wd)
+        step = int(state["step"].item())
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        state["step"] += 1
+        if step == 0:
+            exp_avg_sq.addcmul_(grad, grad)
+            return
+        if wd != 0 and group["decouple"]:
+            p.add_(p, alpha=-lr * wd)
+        normed = grad.div(torch.clamp(exp_avg_sq.sqrt(), group["eps"]))
+        if group["clip_exponent"] is not None:
+            clip = step ** group["clip_exponent"]
+            normed.clamp_(-clip, clip)
+        exp_avg.lerp_(normed, 1 - beta1)
+        p.add_(exp_avg, alpha=-lr)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)

@@ -8,15 +8,12 @@ decay λθ sits inside the normalized direction, so it is not multiplied by lr.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-from torch.optim import Optimizer
 
-from .adopt import _check
+from .base import ParamwiseOptimizer, check_hparams
 
 
-class LAMB(Optimizer):
+class LAMB(ParamwiseOptimizer):
     """Args:
     lr, betas, eps, weight_decay: BERT defaults (1e-3, (0.9, 0.999), 1e-6, 0.01).
     weight_norm_clamp: ``(φ_min, φ_max)`` bounds on ‖θ‖ in the trust ratio; ``None`` =
@@ -34,7 +31,7 @@ class LAMB(Optimizer):
         *,
         maximize: bool = False,
     ):
-        _check(lr=lr, eps=eps, weight_decay=weight_decay, betas=betas)
+        check_hparams(lr=lr, eps=eps, weight_decay=weight_decay, betas=betas)
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -45,38 +42,23 @@ class LAMB(Optimizer):
         )
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            clamp = group["weight_norm_clamp"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = -p.grad if group["maximize"] else p.grad
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                t = state["step"].item()
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                exp_avg.lerp_(grad, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                m_hat = exp_avg / (1 - beta1**t)
-                v_hat = exp_avg_sq / (1 - beta2**t)
-                update = m_hat / (v_hat.sqrt() + group["eps"])
-                if group["weight_decay"] != 0:
-                    update.add_(p, alpha=group["weight_decay"])
-                weight_norm = p.norm()
-                phi = weight_norm if clamp is None else weight_norm.clamp(clamp[0], clamp[1])
-                update_norm = update.norm()
-                trust = torch.where((weight_norm > 0) & (update_norm > 0), phi / update_norm, 1.0)
-                state["trust_ratio"] = trust
-                p.add_(update * trust, alpha=-group["lr"])
-        return loss
+    def update(self, group: dict, p: torch.Tensor, grad: torch.Tensor, state: dict) -> None:
+        beta1, beta2 = group["betas"]
+        clamp = group["weight_norm_clamp"]
+        self.zeros(state, p, "exp_avg", "exp_avg_sq")
+        state["step"] += 1
+        t = state["step"].item()
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        m_hat = exp_avg / (1 - beta1**t)
+        v_hat = exp_avg_sq / (1 - beta2**t)
+        update = m_hat / (v_hat.sqrt() + group["eps"])
+        if group["weight_decay"] != 0:
+            update.add_(p, alpha=group["weight_decay"])
+        weight_norm = p.norm()
+        phi = weight_norm if clamp is None else weight_norm.clamp(clamp[0], clamp[1])
+        update_norm = update.norm()
+        trust = torch.where((weight_norm > 0) & (update_norm > 0), phi / update_norm, 1.0)
+        state["trust_ratio"] = trust
+        p.add_(update * trust, alpha=-group["lr"])

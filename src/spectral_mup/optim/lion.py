@@ -6,15 +6,12 @@ Every update entry is ±lr (or 0), so Lion is the purest member of the entrywise
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-from torch.optim import Optimizer
 
-from .adopt import _check
+from .base import ParamwiseOptimizer, check_hparams
 
 
-class Lion(Optimizer):
+class Lion(ParamwiseOptimizer):
     """Lion with the paper's defaults (lr 1e-4, betas (0.9, 0.99)); ``weight_decay`` is
     decoupled and multiplied by the current lr, as in the paper's code."""
 
@@ -27,30 +24,18 @@ class Lion(Optimizer):
         *,
         maximize: bool = False,
     ):
-        _check(lr=lr, weight_decay=weight_decay, betas=betas)
+        check_hparams(lr=lr, weight_decay=weight_decay, betas=betas)
         super().__init__(
             params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
         )
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, wd = group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = -p.grad if group["maximize"] else p.grad
-                state = self.state[p]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                exp_avg = state["exp_avg"]
-                if wd != 0:
-                    p.mul_(1 - lr * wd)
-                p.add_(torch.sign(exp_avg.lerp(grad, 1 - beta1)), alpha=-lr)
-                exp_avg.lerp_(grad, 1 - beta2)
-        return loss
+    def update(self, group: dict, p: torch.Tensor, grad: torch.Tensor, state: dict) -> None:
+        beta1, beta2 = group["betas"]
+        lr, wd = group["lr"], group["weight_decay"]
+        self.zeros(state, p, "exp_avg")
+        state["step"] += 1
+        exp_avg = state["exp_avg"]
+        if wd != 0:
+            p.mul_(1 - lr * wd)
+        p.add_(torch.sign(exp_avg.lerp(grad, 1 - beta1)), alpha=-lr)
+        exp_avg.lerp_(grad, 1 - beta2)

@@ -25,7 +25,7 @@ import torch
 from torch.optim import Optimizer
 
 from ..rules import SHAPE_FACTORS
-from .adopt import _check
+from .base import check_hparams, run_closure
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -75,7 +75,7 @@ class Muon(Optimizer):
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
     ):
-        _check(lr=lr, weight_decay=weight_decay, eps=eps, betas=betas)
+        check_hparams(lr=lr, weight_decay=weight_decay, eps=eps, betas=betas)
         if shape_factor not in SHAPE_FACTORS:
             raise ValueError(
                 f"shape_factor must be one of {sorted(SHAPE_FACTORS)}, got {shape_factor!r}"
@@ -112,10 +112,7 @@ class Muon(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         pending = []  # (group, param, blocks of the update)
         for group in self.param_groups:
             if group["aux"]:

@@ -15,12 +15,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch.optim import Optimizer
 
-from .adopt import _check
+from .base import ParamwiseOptimizer, check_hparams
 
 
-class SophiaG(Optimizer):
+class SophiaG(ParamwiseOptimizer):
     """Args:
     lr, betas, rho, weight_decay: official defaults (1e-4, (0.965, 0.99), 0.04, 0.1).
     bs: tokens per step (overridable per call, as in the official ``step(bs=...)``).
@@ -39,7 +38,7 @@ class SophiaG(Optimizer):
         *,
         maximize: bool = False,
     ):
-        _check(lr=lr, rho=rho, weight_decay=weight_decay, betas=betas)
+        check_hparams(lr=lr, rho=rho, weight_decay=weight_decay, betas=betas)
         if hessian_interval < 1:
             raise ValueError(f"invalid hessian_interval {hessian_interval}: must be >= 1")
         defaults = dict(
@@ -49,14 +48,6 @@ class SophiaG(Optimizer):
         self.hessian_interval = hessian_interval
         self.last_win_rate = float("nan")
 
-    def _state(self, p: torch.Tensor) -> dict:
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state
-
     @torch.no_grad()
     def update_hessian(self) -> None:
         """h ← β2·h + (1−β2)·g⊙g from the gradients currently in ``.grad`` (sampled labels)."""
@@ -64,32 +55,26 @@ class SophiaG(Optimizer):
             beta2 = group["betas"][1]
             for p in group["params"]:
                 if p.grad is not None:
-                    self._state(p)["hessian"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                    state = self.state[p]
+                    self.zeros(state, p, "exp_avg", "hessian")
+                    state["hessian"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None, bs: int | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        won, total = 0, 0
-        for group in self.param_groups:
-            beta1 = group["betas"][0]
-            lr, tokens = group["lr"], group["bs"] if bs is None else bs
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = -p.grad if group["maximize"] else p.grad
-                state = self._state(p)
-                state["step"] += 1
-                p.mul_(1 - lr * group["weight_decay"])
-                exp_avg = state["exp_avg"]
-                exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-                ratio = (exp_avg.abs() / (group["rho"] * tokens * state["hessian"] + 1e-15)).clamp(
-                    None, 1
-                )
-                p.addcmul_(exp_avg.sign(), ratio, value=-lr)
-                won += int((ratio < 1).sum())
-                total += ratio.numel()
-        self.last_win_rate = won / total if total else float("nan")
+        self._bs, self._won, self._total = bs, 0, 0
+        loss = super().step(closure)
+        self.last_win_rate = self._won / self._total if self._total else float("nan")
         return loss
+
+    def update(self, group: dict, p: torch.Tensor, grad: torch.Tensor, state: dict) -> None:
+        lr, beta1 = group["lr"], group["betas"][0]
+        tokens = group["bs"] if self._bs is None else self._bs
+        self.zeros(state, p, "exp_avg", "hessian")
+        state["step"] += 1
+        p.mul_(1 - lr * group["weight_decay"])
+        exp_avg = state["exp_avg"]
+        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+        ratio = (exp_avg.abs() / (group["rho"] * tokens * state["hessian"] + 1e-15)).clamp(None, 1)
+        p.addcmul_(exp_avg.sign(), ratio, value=-lr)
+        self._won += int((ratio < 1).sum())
+        self._total += ratio.numel()
