@@ -208,3 +208,17 @@ def test_spectral_normalized_adamw_mup_flat_sp_grows():
         assert abs(s) <= 0.2, (group, s)
     for group in (*HIDDEN, "logits"):
         assert slopes["sp"][group] >= 0.5, (group, slopes["sp"][group])
+
+
+def test_shampoo_unblocked_mup_flat():
+    """Shampoo e = 1/4, summed factors, no blocking or grafting: the orthogonalized family on
+    every matrix. Widths 64→256 here (width 512 needs 2048×2048 eigendecompositions; the
+    full protocol gives max |slope| 0.05, docs/measurements.md)."""
+    report = gpt_coord_check(
+        sizes=WIDTHS[:3], optimizer="shampoo", lr=DEFAULT_COORD_LR, seeds=(0, 1, 2)
+    )
+    slopes = report.slopes()
+    for group, s in slopes["mup"].items():
+        assert abs(s) <= 0.2, (group, s)
+    for group in ("block0.mlp", "block1.attn", "block1.mlp", "residual", "logits"):
+        assert slopes["sp"][group] >= 0.5, (group, slopes["sp"][group])

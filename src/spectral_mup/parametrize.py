@@ -113,9 +113,10 @@ class Parametrization:
         info: ParamRole,
         shape_factor: str | None = None,
         spectral_normalized: bool = False,
+        override: str | None = None,
     ) -> rules.Scales:
         """All multipliers of one parameter under this parametrization."""
-        family = rules.family_of(optimizer, info.role, shape_factor, spectral_normalized)
+        family = rules.family_of(optimizer, info.role, shape_factor, spectral_normalized, override)
         if not self.is_mup:
             return rules.param_scales(family, info.role, info.fan_in, info.fan_out, 1.0, 1.0)
         return rules.param_scales(
@@ -247,6 +248,7 @@ def param_groups(
     aux: dict[str, float] | None = None,
     splits: dict[str, int] | None = None,
     spectral_normalize: bool = False,
+    family: str | None = None,
 ) -> list[dict[str, Any]]:
     """Param groups with per-tensor ``lr``, ``weight_decay`` and (if given) ``eps``.
 
@@ -257,9 +259,10 @@ def param_groups(
     ``shape_factor`` names the factor an orthogonalizing optimizer applies (rules.py);
     ``splits`` maps glob patterns to a number of equal row blocks (``split`` key).
     ``spectral_normalize``: matrices follow §6 and groups carry ``forward_mult``.
+    ``family`` overrides the optimizer's family (chosen by its options, e.g. grafting).
     """
     roles = roles if roles is not None else model_roles(model)
-    routed = not isinstance(rules.OPTIMIZER_FAMILY[optimizer], str)
+    routed = optimizer in rules.AUXILIARY_ROLES
     groups: dict[tuple, dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -269,8 +272,8 @@ def param_groups(
         base_lr, base_wd = (
             (aux["lr"], aux["weight_decay"]) if is_aux and aux else (lr, weight_decay)
         )
-        family = rules.family_of(optimizer, info.role, shape_factor, spectral_normalize)
-        s = p.scales(optimizer, info, shape_factor, spectral_normalize)
+        fam = rules.family_of(optimizer, info.role, shape_factor, spectral_normalize, family)
+        s = p.scales(optimizer, info, shape_factor, spectral_normalize, family)
         group_lr = base_lr * s.lr
         lam = base_wd if (info.role != "vector" or decay_vectors) else 0.0
         if p.wd_mode == "coupled":
@@ -279,7 +282,7 @@ def param_groups(
             width_factor = 1.0
             if p.is_mup and p.wd_width_scaling == "inverse":
                 width_factor = 1.0 / info.width_mult
-            wd = rules.independent_weight_decay(family, lam, group_lr, width_factor)
+            wd = rules.independent_weight_decay(fam, lam, group_lr, width_factor)
         split = next((k for pat, k in (splits or {}).items() if fnmatch.fnmatchcase(name, pat)), 1)
         key = (info.role, info.in_block, group_lr, wd, s.eps, is_aux, split)
         if key not in groups:

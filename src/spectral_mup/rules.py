@@ -100,6 +100,8 @@ SHAPE_FACTORS: dict[str, Callable[[float, float], float]] = {
 # optimizer that routes parameters to two update rules maps roles to families ("*": rest).
 OPTIMIZER_FAMILY: dict[str, str | dict[str, str]] = {
     "muon": {"hidden": "orthogonalized", "*": "entrywise"},  # NS(momentum) on hidden; AdamW rest
+    # e = 1/4, unblocked, ungrafted: L^-¼ G R^-¼ ≈ U·Vᵀ (§3); vectors: diagonal AdaGrad
+    "shampoo": {"vector": "entrywise", "*": "orthogonalized"},
     "adamw": "entrywise",
     "adopt": "entrywise",  # same Ψ as AdamW up to the order of updates (seed paper App. C.1)
     "sophia": "entrywise",  # clip(m/(ρh), 1): entries bounded by 1, sign-like (App. C.2)
@@ -119,10 +121,23 @@ def family_name(optimizer: str, role: Role = "hidden") -> str:
     return entry if isinstance(entry, str) else entry.get(role, entry["*"])
 
 
+def grafted_or_blocked_family(grafting: str, blocked: bool) -> str | None:
+    """Shampoo/SOAP with grafting or fixed-size blocks take the rules of the update that sets
+    their per-block norm (RULES.md §3: Adam grafting or blocks → AdamW rules)."""
+    if grafting in ("adam", "adagrad"):
+        return "entrywise"
+    if grafting == "sgd":
+        return "raw_gradient"
+    return "entrywise" if blocked else None
+
+
+# Roles an optimizer hands to an auxiliary AdamW rule with its own base LR and decay.
+AUXILIARY_ROLES: dict[str, tuple[Role, ...]] = {"muon": ("input", "output", "vector")}
+
+
 def is_auxiliary(optimizer: str, role: Role) -> bool:
     """True when ``role`` goes to the optimizer's auxiliary rule (Muon's AdamW part)."""
-    entry = OPTIMIZER_FAMILY[optimizer]
-    return not isinstance(entry, str) and role not in entry
+    return role in AUXILIARY_ROLES.get(optimizer, ())
 
 
 def family_of(
@@ -130,13 +145,15 @@ def family_of(
     role: Role = "hidden",
     shape_factor: str | None = None,
     spectral_normalized: bool = False,
+    override: str | None = None,
 ) -> UpdateFamily:
     """The update family of a parameter of ``role`` under a registered optimizer; an
     orthogonalized update multiplied by a shape factor f has norm model c·f(fan_in, fan_out);
-    under explicit spectral normalization every matrix is ``spectral_normalized`` (§6)."""
+    under explicit spectral normalization every matrix is ``spectral_normalized`` (§6);
+    ``override`` names the family an optimizer's options select (grafting, blocking)."""
     if spectral_normalized and role != "vector":
         return FAMILIES["spectral_normalized"]
-    family = FAMILIES[family_name(optimizer, role)]
+    family = FAMILIES[override or family_name(optimizer, role)]
     if shape_factor is not None and family.name == "orthogonalized":
         factor = SHAPE_FACTORS[shape_factor]
         family = replace(

@@ -21,6 +21,7 @@ from .adopt import ADOPT
 from .lamb import LAMB
 from .lion import Lion
 from .muon import Muon
+from .shampoo import Shampoo
 from .sophia import SophiaG
 from .spectral import SpectralNormalized
 
@@ -30,6 +31,7 @@ __all__ = [
     "REGISTRY",
     "Lion",
     "Muon",
+    "Shampoo",
     "SophiaG",
     "SpectralNormalized",
     "build_optimizer",
@@ -44,6 +46,8 @@ class OptimizerSpec:
     cls: Callable[..., torch.optim.Optimizer]
     defaults: dict[str, Any] = field(default_factory=dict)
     eps_key: str | None = None  # name of the Adam-like epsilon hyperparameter, if any
+    family_override: Callable[[dict[str, Any]], str | None] | None = None
+    """Options → the family they select (Shampoo's grafting and blocking)."""
 
 
 REGISTRY: dict[str, OptimizerSpec] = {
@@ -65,6 +69,13 @@ REGISTRY: dict[str, OptimizerSpec] = {
             "adam_weight_decay": 0.0,
         },
         "eps",
+    ),
+    "shampoo": OptimizerSpec(
+        Shampoo,
+        {"betas": (0.0, 1.0), "epsilon": 1e-12, "block_size": None, "grafting": "none"},
+        family_override=lambda o: rules.grafted_or_blocked_family(
+            o.get("grafting", "none"), o.get("block_size") is not None
+        ),
     ),
     "sophia": OptimizerSpec(
         SophiaG, {"betas": (0.965, 0.99), "rho": 0.04, "bs": 5120, "hessian_interval": 10}
@@ -136,6 +147,7 @@ def build_optimizer(
         aux=aux,
         splits=getattr(model, "smup_splits", None) if aux is not None else None,
         spectral_normalize=spectral_normalize,
+        family=spec.family_override(options) if spec.family_override else None,
     )
     if rules.family_of(name).follows_weight:
         frozen = [
