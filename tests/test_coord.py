@@ -18,6 +18,15 @@ WIDTHS = (64, 128, 256, 512)
 HIDDEN = ("block0.attn", "block0.mlp", "block1.attn", "block1.mlp", "residual")
 
 
+def assert_mup_flat_sp_grows(report, sp_groups):
+    """Every μP layer group flat (|slope| ≤ 0.2); the given SP groups grow (slope ≥ 0.5)."""
+    slopes = report.slopes()
+    for group, s in slopes["mup"].items():
+        assert abs(s) <= 0.2, (report.optimizer, group, s)
+    for group in sp_groups:
+        assert slopes["sp"][group] >= 0.5, (report.optimizer, group, slopes["sp"][group])
+
+
 @pytest.fixture(scope="module")
 def adamw_width():
     return gpt_coord_check(sizes=WIDTHS, optimizer="adamw", lr=DEFAULT_COORD_LR, seeds=(0, 1, 2))
@@ -42,11 +51,7 @@ def test_adamw_sp_grows_in_width(adamw_width):
 
 def test_sgd_mup_is_flat_in_width():
     report = gpt_coord_check(sizes=WIDTHS, optimizer="sgd", lr=COORD_LR["sgd"], seeds=(0, 1, 2))
-    slopes = report.slopes()
-    for group, s in slopes["mup"].items():
-        assert abs(s) <= 0.2, (group, s)
-    for group in HIDDEN:
-        assert slopes["sp"][group] >= 0.5, (group, slopes["sp"][group])
+    assert_mup_flat_sp_grows(report, HIDDEN)
 
 
 def test_depth_alpha_one_is_flat_and_alpha_zero_grows():
@@ -154,11 +159,7 @@ def test_seed_paper_optimizers_mup_flat_sp_grows(optimizer):
     report = gpt_coord_check(
         sizes=WIDTHS, optimizer=optimizer, lr=DEFAULT_COORD_LR, seeds=(0, 1, 2)
     )
-    slopes = report.slopes()
-    for group, s in slopes["mup"].items():
-        assert abs(s) <= 0.2, (optimizer, group, s)
-    for group in (*HIDDEN, "logits"):
-        assert slopes["sp"][group] >= 0.5, (optimizer, group, slopes["sp"][group])
+    assert_mup_flat_sp_grows(report, (*HIDDEN, "logits"))
 
 
 def test_lamb_with_the_seed_papers_constant_lr_is_not_flat(monkeypatch):
@@ -188,11 +189,7 @@ def test_muon_spectral_factor_mup_flat_sp_grows():
         seeds=(0, 1, 2),
         optimizer_kwargs={"adam_lr": DEFAULT_COORD_LR},
     )
-    slopes = report.slopes()
-    for group, s in slopes["mup"].items():
-        assert abs(s) <= 0.2, (group, s)
-    for group in (*HIDDEN, "logits"):
-        assert slopes["sp"][group] >= 0.5, (group, slopes["sp"][group])
+    assert_mup_flat_sp_grows(report, (*HIDDEN, "logits"))
 
 
 def test_spectral_normalized_adamw_mup_flat_sp_grows():
@@ -203,11 +200,7 @@ def test_spectral_normalized_adamw_mup_flat_sp_grows():
         seeds=(0, 1, 2),
         optimizer_kwargs={"spectral_normalize": True},
     )
-    slopes = report.slopes()
-    for group, s in slopes["mup"].items():
-        assert abs(s) <= 0.2, (group, s)
-    for group in (*HIDDEN, "logits"):
-        assert slopes["sp"][group] >= 0.5, (group, slopes["sp"][group])
+    assert_mup_flat_sp_grows(report, (*HIDDEN, "logits"))
 
 
 def test_shampoo_unblocked_mup_flat():
@@ -217,8 +210,6 @@ def test_shampoo_unblocked_mup_flat():
     report = gpt_coord_check(
         sizes=WIDTHS[:3], optimizer="shampoo", lr=DEFAULT_COORD_LR, seeds=(0, 1, 2)
     )
-    slopes = report.slopes()
-    for group, s in slopes["mup"].items():
-        assert abs(s) <= 0.2, (group, s)
-    for group in ("block0.mlp", "block1.attn", "block1.mlp", "residual", "logits"):
-        assert slopes["sp"][group] >= 0.5, (group, slopes["sp"][group])
+    assert_mup_flat_sp_grows(
+        report, ("block0.mlp", "block1.attn", "block1.mlp", "residual", "logits")
+    )
