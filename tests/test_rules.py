@@ -152,6 +152,6 @@ def test_attention_scale():
 def test_registry_and_rules_cover_the_same_optimizers():
     assert set(REGISTRY) == set(rules.OPTIMIZER_FAMILY)
     with pytest.raises(
-        KeyError, match="known: adamw, adopt, lamb, lion, muon, sgd, shampoo, sophia"
+        KeyError, match="known: adamw, adopt, lamb, lion, muon, sgd, shampoo, soap, sophia"
     ):
         rules.family_of("lion9")

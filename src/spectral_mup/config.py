@@ -31,13 +31,13 @@ class OptimSection:
     unset (or set to "none") take the optimizer's own default; keys an optimizer does not
     have are ignored by it."""
 
-    name: str = "adamw"  # adamw | sgd | adopt | lamb | lion | sophia
+    name: str = "adamw"  # adamw | sgd | adopt | lamb | lion | sophia | muon | shampoo | soap
     lr: float = 3e-3
     weight_decay: float = 0.0
     decay_vectors: bool = False
     spectral_normalize: bool = False  # wrap in SpectralNormalized (Qiu et al.; RULES.md §6)
     betas: tuple[float, float] | None = None
-    eps: float | None = None
+    eps: float | None = None  # Adam-like eps; Shampoo's damping epsilon
     momentum: float | None = None  # sgd
     nesterov: bool | None = None  # sgd
     decouple: bool | None = None  # adopt: decoupled weight decay (default true)
@@ -46,6 +46,11 @@ class OptimSection:
     shape_factor: str | None = None  # muon: spectral | original | moonlight
     rho: float | None = None  # sophia
     hessian_interval: int | None = None  # sophia: steps between Hessian estimates
+    block_size: int | None = None  # shampoo, soap: fixed block size (0 = no blocking)
+    grafting: str | None = None  # shampoo: none | sgd | adagrad | adam
+    exponents: tuple[float, float] | None = None  # shampoo: (e_L, e_R)
+    precondition_frequency: int | None = None  # shampoo, soap: steps between roots / bases
+    shampoo_beta: float | None = None  # soap: EMA of the Kronecker factors (none = β2)
 
 
 @dataclass(frozen=True)

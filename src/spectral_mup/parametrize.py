@@ -113,12 +113,15 @@ class Parametrization:
         info: ParamRole,
         shape_factor: str | None = None,
         spectral_normalized: bool = False,
-        override: str | None = None,
+        override: rules.UpdateFamily | None = None,
     ) -> rules.Scales:
         """All multipliers of one parameter under this parametrization."""
         family = rules.family_of(optimizer, info.role, shape_factor, spectral_normalized, override)
+        eps = rules.eps_rule(optimizer, family)
         if not self.is_mup:
-            return rules.param_scales(family, info.role, info.fan_in, info.fan_out, 1.0, 1.0)
+            return rules.param_scales(
+                family, info.role, info.fan_in, info.fan_out, 1.0, 1.0, eps=eps
+            )
         return rules.param_scales(
             family,
             info.role,
@@ -130,6 +133,7 @@ class Parametrization:
             in_block=info.in_block,
             alpha=self.depth_alpha,
             readout=self.readout,
+            eps=eps,
         )
 
 
@@ -242,15 +246,17 @@ def param_groups(
     weight_decay: float = 0.0,
     *,
     eps: float | None = None,
+    eps_key: str = "eps",
     roles: dict[str, ParamRole] | None = None,
     decay_vectors: bool = False,
     shape_factor: str | None = None,
     aux: dict[str, float] | None = None,
     splits: dict[str, int] | None = None,
     spectral_normalize: bool = False,
-    family: str | None = None,
+    family: rules.UpdateFamily | None = None,
 ) -> list[dict[str, Any]]:
-    """Param groups with per-tensor ``lr``, ``weight_decay`` and (if given) ``eps``.
+    """Param groups with per-tensor ``lr``, ``weight_decay`` and (if given) ``eps`` (stored
+    under ``eps_key``, the optimizer's name for it).
 
     One group per distinct set of values; each group also records ``role``, ``lr_mult``
     and the parameter ``names``. Vectors get no weight decay unless ``decay_vectors``.
@@ -259,7 +265,8 @@ def param_groups(
     ``shape_factor`` names the factor an orthogonalizing optimizer applies (rules.py);
     ``splits`` maps glob patterns to a number of equal row blocks (``split`` key).
     ``spectral_normalize``: matrices follow §6 and groups carry ``forward_mult``.
-    ``family`` overrides the optimizer's family (chosen by its options, e.g. grafting).
+    ``family`` overrides the optimizer's family for matrices (chosen by its options, e.g.
+    Shampoo's grafting or blocking).
     """
     roles = roles if roles is not None else model_roles(model)
     routed = optimizer in rules.AUXILIARY_ROLES
@@ -296,7 +303,7 @@ def param_groups(
                 "lr_mult": s.lr,
             }
             if eps is not None:
-                groups[key]["eps"] = eps * s.eps
+                groups[key][eps_key] = eps * s.eps
             if routed:
                 groups[key]["aux"] = is_aux
             if splits:

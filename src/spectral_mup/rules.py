@@ -102,6 +102,8 @@ OPTIMIZER_FAMILY: dict[str, str | dict[str, str]] = {
     "muon": {"hidden": "orthogonalized", "*": "entrywise"},  # NS(momentum) on hidden; AdamW rest
     # e = 1/4, unblocked, ungrafted: L^-¼ G R^-¼ ≈ U·Vᵀ (§3); vectors: diagonal AdaGrad
     "shampoo": {"vector": "entrywise", "*": "orthogonalized"},
+    # Adam in Shampoo's e = ¼ eigenbasis: unblocked ≈ orthogonalized (§3); blocked: Qiu et al.
+    "soap": {"vector": "entrywise", "*": "orthogonalized"},
     "adamw": "entrywise",
     "adopt": "entrywise",  # same Ψ as AdamW up to the order of updates (seed paper App. C.1)
     "sophia": "entrywise",  # clip(m/(ρh), 1): entries bounded by 1, sign-like (App. C.2)
@@ -121,14 +123,50 @@ def family_name(optimizer: str, role: Role = "hidden") -> str:
     return entry if isinstance(entry, str) else entry.get(role, entry["*"])
 
 
-def grafted_or_blocked_family(grafting: str, blocked: bool) -> str | None:
-    """Shampoo/SOAP with grafting or fixed-size blocks take the rules of the update that sets
-    their per-block norm (RULES.md §3: Adam grafting or blocks → AdamW rules)."""
+def kronecker_family(
+    exponents: tuple[float, float] = (0.25, 0.25), block_size: int | None = None
+) -> UpdateFamily:
+    """Shampoo/SOAP with exponents (e_L, e_R) and fixed-size blocks (Qiu et al. 2025, RULES.md
+    §3): lr ∝ (fan_out/fan_in)^(1−s) / (m_L^(2s−1) · n_blocks^s), s = e_L + e_R, i.e. an update
+    norm c^(1+k)·(fan_out/fan_in)^(s−½)·n_blocks^s with gradient degree k = 1 − 2s.
+    n_blocks = ⌈fan_out/b⌉·⌈fan_in/b⌉, so a matrix smaller than a block is one block and
+    unblocked e = ¼ is exactly the orthogonalized family; with b fixed and fans ≫ b the
+    width rule becomes AdamW's 1/fan_in. SOAP is Adam in Shampoo's e = ¼ eigenbasis."""
+    s = float(exponents[0]) + float(exponents[1])
+    if block_size is None and s == 0.5:
+        return FAMILIES["orthogonalized"]
+    k = 1.0 - 2.0 * s
+
+    def norm(fi: float, fo: float, c: float) -> float:
+        if block_size is None:
+            blocks = 1
+        else:
+            blocks = math.ceil(fo / block_size) * math.ceil(fi / block_size)
+        return c ** (1.0 + k) * (fo / fi) ** (s - 0.5) * blocks**s
+
+    return UpdateFamily(
+        f"kronecker(e={exponents[0]:g}+{exponents[1]:g}, block={block_size})",
+        norm,
+        k,
+        eps_follows_grad=False,
+        decay_in_direction=False,
+        source="blocked Shampoo/SOAP (Qiu et al. 2025, arXiv 2512.05620)",
+    )
+
+
+def preconditioned_family(
+    grafting: str = "none",
+    exponents: tuple[float, float] = (0.25, 0.25),
+    block_size: int | None = None,
+) -> UpdateFamily:
+    """The family of a Shampoo/SOAP matrix: grafting hands the per-block norm to the grafted
+    update (Adam/AdaGrad → AdamW rules, SGD → SGD rules; RULES.md §3), else Qiu et al.'s
+    blocked formula (``kronecker_family``)."""
     if grafting in ("adam", "adagrad"):
-        return "entrywise"
+        return FAMILIES["entrywise"]
     if grafting == "sgd":
-        return "raw_gradient"
-    return "entrywise" if blocked else None
+        return FAMILIES["raw_gradient"]
+    return kronecker_family(exponents, block_size or None)
 
 
 # Roles an optimizer hands to an auxiliary AdamW rule with its own base LR and decay.
@@ -145,15 +183,19 @@ def family_of(
     role: Role = "hidden",
     shape_factor: str | None = None,
     spectral_normalized: bool = False,
-    override: str | None = None,
+    override: UpdateFamily | None = None,
 ) -> UpdateFamily:
     """The update family of a parameter of ``role`` under a registered optimizer; an
     orthogonalized update multiplied by a shape factor f has norm model c·f(fan_in, fan_out);
     under explicit spectral normalization every matrix is ``spectral_normalized`` (§6);
-    ``override`` names the family an optimizer's options select (grafting, blocking)."""
+    ``override`` is the family an optimizer's options select for its matrices (Shampoo's
+    and SOAP's grafting, exponents and blocking); vectors keep the optimizer's own."""
     if spectral_normalized and role != "vector":
         return FAMILIES["spectral_normalized"]
-    family = FAMILIES[override or family_name(optimizer, role)]
+    if override is not None and role != "vector":
+        family = override
+    else:
+        family = FAMILIES[family_name(optimizer, role)]
     if shape_factor is not None and family.name == "orthogonalized":
         factor = SHAPE_FACTORS[shape_factor]
         family = replace(
@@ -228,12 +270,32 @@ def depth_lr_multiplier(family: UpdateFamily, m_depth: float, alpha: float) -> f
     return m_depth ** (alpha * (1.0 + family.grad_degree) - 1.0)
 
 
-def eps_multiplier(family: UpdateFamily, role: Role, m_out: float, c: float, a: float) -> float:
-    """Adam-like eps follows the size of gradient entries: ε·c·a/m_out for matrices
-    (ε/m for input, hidden and readout; ε/(m·m_L^α) in hidden blocks), ε for vectors."""
-    if not family.eps_follows_grad or role == "vector":
+# Optimizers whose eps is not the one their family implies. "entry": an Adam-like ε compared
+# with gradient entries (SOAP's rotated entries have the same RMS, rotations keep ‖·‖_F);
+# "gram": a damping ε added to G·Gᵀ, i.e. compared with the squared spectral norm of G.
+EPS_RULE: dict[str, str] = {"soap": "entry", "shampoo": "gram"}
+
+
+def eps_rule(optimizer: str, family: UpdateFamily) -> str | None:
+    """How ``optimizer``'s eps scales: "entry", "gram" or None (not scaled)."""
+    return EPS_RULE.get(optimizer, "entry" if family.eps_follows_grad else None)
+
+
+def eps_multiplier(
+    rule: str | None, role: Role, m_in: float, m_out: float, c: float, a: float
+) -> float:
+    """Under μP a matrix's gradient entries scale as c·a/m_out and its squared spectral norm as
+    (c·a)²·m_in/m_out (‖δy‖² ∝ 1/fan_out, ‖x‖² ∝ fan_in). So an Adam-like eps ("entry") is
+    ε·c·a/m_out — ε/m for input, hidden and readout, ε/(m·m_L^α) in hidden blocks — and a
+    Shampoo damping ("gram") ε·(c·a)²·m_in/m_out — ε/m for input and readout, ε/m_L^(2α) in
+    hidden blocks (RULES.md §3–4). Vectors keep ε."""
+    if rule is None or role == "vector":
         return 1.0
-    return c * a / m_out
+    if rule == "entry":
+        return c * a / m_out
+    if rule == "gram":
+        return (c * a) ** 2 * m_in / m_out
+    raise ValueError(f"unknown eps rule {rule!r} (entry, gram or None)")
 
 
 def coupled_wd_multiplier(family: UpdateFamily, lr_multiplier: float) -> float:
@@ -277,11 +339,15 @@ def param_scales(
     in_block: bool = False,
     alpha: float = 1.0,
     readout: Readout = "multiplier",
+    eps: str | None = "family",
 ) -> Scales:
     """Every multiplier of one parameter (coupled weight decay), for a layer with fans
     ``fan_in``/``fan_out`` (a vector is a fan_in = 1 matrix) that are ``m_in``/``m_out`` times
     the base model's. Pass m_in = m_out = m_depth = 1 for SP: every rule is then 1, which is
-    how μP equals SP at the base model."""
+    how μP equals SP at the base model. ``eps`` is the eps rule ("entry", "gram", None);
+    "family" takes the family's (entry when ``family.eps_follows_grad``)."""
+    if eps == "family":
+        eps = "entry" if family.eps_follows_grad else None
     c = forward_multiplier(role, m_in, readout)
     a = branch_multiplier(m_depth, alpha) if in_block else 1.0
     lr = width_lr_multiplier(family, fan_in, fan_out, m_in, m_out, c)
@@ -292,5 +358,5 @@ def param_scales(
         forward=c,
         lr=lr,
         weight_decay=coupled_wd_multiplier(family, lr),
-        eps=eps_multiplier(family, role, m_out, c, a),
+        eps=eps_multiplier(eps, role, m_in, m_out, c, a),
     )

@@ -58,7 +58,11 @@ def build_model(cfg: RunConfig, vocab_size: int) -> GPT:
 def build_run_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     o = cfg.optim
     spec = get_spec(o.name)
-    options = {k: getattr(o, k) for k in spec.defaults if getattr(o, k, None) is not None}
+    options = {}
+    for key in spec.defaults:  # o.eps is the optimizer's eps, whatever the optimizer calls it
+        value = o.eps if key == spec.eps_key else getattr(o, key, None)
+        if value is not None:
+            options[key] = value
     if "bs" in spec.defaults:  # Sophia: tokens per optimizer step
         options["bs"] = cfg.train.batch_size * cfg.model.block_size
     return build_optimizer(

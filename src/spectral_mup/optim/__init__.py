@@ -22,6 +22,7 @@ from .lamb import LAMB
 from .lion import Lion
 from .muon import Muon
 from .shampoo import Shampoo
+from .soap import SOAP
 from .sophia import SophiaG
 from .spectral import SpectralNormalized
 
@@ -29,6 +30,7 @@ __all__ = [
     "ADOPT",
     "LAMB",
     "REGISTRY",
+    "SOAP",
     "Lion",
     "Muon",
     "Shampoo",
@@ -46,8 +48,9 @@ class OptimizerSpec:
     cls: Callable[..., torch.optim.Optimizer]
     defaults: dict[str, Any] = field(default_factory=dict)
     eps_key: str | None = None  # name of the Adam-like epsilon hyperparameter, if any
-    family_override: Callable[[dict[str, Any]], str | None] | None = None
-    """Options → the family they select (Shampoo's grafting and blocking)."""
+    family_override: Callable[[dict[str, Any]], rules.UpdateFamily] | None = None
+    """Options → the family they select for matrices (Shampoo's and SOAP's grafting,
+    exponents and blocking)."""
 
 
 REGISTRY: dict[str, OptimizerSpec] = {
@@ -72,10 +75,30 @@ REGISTRY: dict[str, OptimizerSpec] = {
     ),
     "shampoo": OptimizerSpec(
         Shampoo,
-        {"betas": (0.0, 1.0), "epsilon": 1e-12, "block_size": None, "grafting": "none"},
-        family_override=lambda o: rules.grafted_or_blocked_family(
-            o.get("grafting", "none"), o.get("block_size") is not None
+        {
+            "betas": (0.0, 1.0),
+            "epsilon": 1e-12,
+            "exponents": (0.25, 0.25),
+            "precondition_frequency": 1,
+            "block_size": None,
+            "grafting": "none",
+        },
+        "epsilon",
+        family_override=lambda o: rules.preconditioned_family(
+            o["grafting"], o["exponents"], o["block_size"]
         ),
+    ),
+    "soap": OptimizerSpec(
+        SOAP,
+        {
+            "betas": (0.95, 0.95),
+            "eps": 1e-8,
+            "shampoo_beta": None,
+            "precondition_frequency": 10,
+            "block_size": None,
+        },
+        "eps",
+        family_override=lambda o: rules.preconditioned_family(block_size=o["block_size"]),
     ),
     "sophia": OptimizerSpec(
         SophiaG, {"betas": (0.965, 0.99), "rho": 0.04, "bs": 5120, "hessian_interval": 10}
@@ -95,6 +118,15 @@ def get_spec(name: str) -> OptimizerSpec:
         raise ConfigError(
             f"unknown optimizer {name!r}; use one of: {', '.join(optimizer_names())}"
         ) from None
+
+
+def _family_override(spec: OptimizerSpec, name: str, options: dict) -> rules.UpdateFamily | None:
+    if spec.family_override is None:
+        return None
+    try:
+        return spec.family_override(options)
+    except (TypeError, ValueError, KeyError, ZeroDivisionError) as exc:
+        raise ConfigError(f"bad option for optimizer {name!r}: {exc}") from None
 
 
 def build_optimizer(
@@ -141,13 +173,14 @@ def build_optimizer(
         lr,
         weight_decay,
         eps=eps,
+        eps_key=spec.eps_key or "eps",
         roles=roles,
         decay_vectors=decay_vectors,
         shape_factor=options.get("shape_factor"),
         aux=aux,
         splits=getattr(model, "smup_splits", None) if aux is not None else None,
         spectral_normalize=spectral_normalize,
-        family=spec.family_override(options) if spec.family_override else None,
+        family=_family_override(spec, name, options),
     )
     if rules.family_of(name).follows_weight:
         frozen = [

@@ -24,28 +24,21 @@ import math
 import torch
 
 from .base import ParamwiseOptimizer, check_hparams
+from .blocks import as_matrix, gather, regions, scatter
 
 GRAFTINGS = ("none", "sgd", "adagrad", "adam")
 
 
 def inverse_root(matrix: torch.Tensor, exponent: float, eps: float) -> torch.Tensor:
-    """(A + εI)^(−exponent) of a symmetric PSD matrix via eigh; retried in fp64."""
-    eye = torch.eye(matrix.size(0), dtype=matrix.dtype, device=matrix.device)
+    """(A + εI)^(−exponent) of symmetric PSD matrices (batched over leading dims) via eigh;
+    retried in fp64 when the fp32 eigensolver fails."""
+    eye = torch.eye(matrix.size(-1), dtype=matrix.dtype, device=matrix.device)
     try:
         vals, vecs = torch.linalg.eigh(matrix + eps * eye)
     except RuntimeError:
         vals, vecs = torch.linalg.eigh((matrix + eps * eye).double())
     vals = vals.clamp(min=eps)
-    return ((vecs * vals.pow(-exponent)) @ vecs.mT).to(matrix.dtype)
-
-
-def _blocks(rows: int, cols: int, size: int | None) -> list[tuple[slice, slice]]:
-    size_r, size_c = (rows, cols) if size is None else (size, size)
-    return [
-        (slice(r, min(r + size_r, rows)), slice(c, min(c + size_c, cols)))
-        for r in range(0, rows, size_r)
-        for c in range(0, cols, size_c)
-    ]
+    return ((vecs * vals.pow(-exponent).unsqueeze(-2)) @ vecs.mT).to(matrix.dtype)
 
 
 class Shampoo(ParamwiseOptimizer):
@@ -81,8 +74,9 @@ class Shampoo(ParamwiseOptimizer):
             raise ValueError(f"grafting must be one of {GRAFTINGS}, got {grafting!r}")
         if precondition_frequency < 1 or start_preconditioning_step < 1:
             raise ValueError("precondition_frequency and start_preconditioning_step must be >= 1")
-        if block_size is not None and block_size < 1:
-            raise ValueError(f"block_size must be >= 1 or None, got {block_size}")
+        if block_size is not None and block_size < 0:
+            raise ValueError(f"block_size must be >= 1 (0 or None: no blocking), got {block_size}")
+        block_size = block_size or None
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -103,21 +97,22 @@ class Shampoo(ParamwiseOptimizer):
             self._diagonal(group, p, grad, state)
             return
         beta1, beta2 = group["betas"]
-        g = grad.reshape(p.size(0), -1)
-        blocks = _blocks(*g.shape, group["block_size"])
+        g = as_matrix(grad)
+        tiles = regions(*g.shape, group["block_size"])
         if not state:
             self.zeros(state, p, "momentum", "graft")
-            for i, (rs, cs) in enumerate(blocks):
-                nr, nc = rs.stop - rs.start, cs.stop - cs.start
-                state[f"L{i}"] = g.new_zeros(nr, nr)
-                state[f"R{i}"] = g.new_zeros(nc, nc)
-                state[f"Linv{i}"] = torch.eye(nr, dtype=g.dtype, device=g.device)
-                state[f"Rinv{i}"] = torch.eye(nc, dtype=g.dtype, device=g.device)
+            for i, r in enumerate(tiles):
+                eye_l = torch.eye(r.br, dtype=g.dtype, device=g.device)
+                eye_r = torch.eye(r.bc, dtype=g.dtype, device=g.device)
+                state[f"L{i}"] = g.new_zeros(r.count, r.br, r.br)
+                state[f"R{i}"] = g.new_zeros(r.count, r.bc, r.bc)
+                state[f"Linv{i}"] = eye_l.expand(r.count, -1, -1).clone()
+                state[f"Rinv{i}"] = eye_r.expand(r.count, -1, -1).clone()
         state["step"] += 1
         t = int(state["step"].item())
         if beta1 > 0:
             state["momentum"].lerp_(grad, 1 - beta1)
-            filtered = (state["momentum"] / (1 - beta1**t)).reshape(g.shape)
+            filtered = as_matrix(state["momentum"] / (1 - beta1**t))
         else:
             filtered = g
         graft = self._graft_direction(group, state, grad, filtered, t)
@@ -125,27 +120,29 @@ class Shampoo(ParamwiseOptimizer):
         precondition = t >= start
         recompute = precondition and (t - start) % freq == 0
         e_l, e_r = group["exponents"]
-        direction = torch.empty_like(g)
-        for i, (rs, cs) in enumerate(blocks):
-            gb = g[rs, cs]
+        direction = filtered if graft is None else graft
+        if precondition:
+            direction = torch.empty_like(g)
+        for i, r in enumerate(tiles):
+            gb = gather(g, r)
             left, right = state[f"L{i}"], state[f"R{i}"]
             if beta2 == 1.0:
-                left.addmm_(gb, gb.mT)
-                right.addmm_(gb.mT, gb)
+                left.baddbmm_(gb, gb.mT)
+                right.baddbmm_(gb.mT, gb)
             else:
-                left.mul_(beta2).addmm_(gb, gb.mT, alpha=1 - beta2)
-                right.mul_(beta2).addmm_(gb.mT, gb, alpha=1 - beta2)
+                left.baddbmm_(gb, gb.mT, beta=beta2, alpha=1 - beta2)
+                right.baddbmm_(gb.mT, gb, beta=beta2, alpha=1 - beta2)
             if recompute:
                 scale = 1.0 if beta2 == 1.0 else 1.0 / (1 - beta2**t)
                 state[f"Linv{i}"] = inverse_root(left * scale, e_l, group["epsilon"])
                 state[f"Rinv{i}"] = inverse_root(right * scale, e_r, group["epsilon"])
             if not precondition:
-                direction[rs, cs] = filtered[rs, cs] if graft is None else graft[rs, cs]
                 continue
-            block = state[f"Linv{i}"] @ filtered[rs, cs] @ state[f"Rinv{i}"]
+            block = state[f"Linv{i}"] @ gather(filtered, r) @ state[f"Rinv{i}"]
             if graft is not None:
-                block = block * (graft[rs, cs].norm() / block.norm().clamp(min=1e-16))
-            direction[rs, cs] = block
+                ratio = gather(graft, r).flatten(1).norm(dim=1) / block.flatten(1).norm(dim=1)
+                block = block * ratio.nan_to_num(0.0, 0.0, 0.0)[:, None, None]
+            scatter(direction, r, block)
         if group["weight_decay"] != 0:
             p.mul_(1 - group["lr"] * group["weight_decay"])
         p.add_(direction.reshape(p.shape), alpha=-group["lr"])
