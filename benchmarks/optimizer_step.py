@@ -1,10 +1,15 @@
-"""Optimizer step time on the hidden matrices of a GPT (width 512, depth 8 by default).
+"""Optimizer step time on the matrices of a GPT (width 512, depth 8 by default).
 
     python benchmarks/optimizer_step.py [--width 512] [--depth 8] [--steps 5] [--device cpu]
+        [--optimizers muon,shampoo,soap]
 
-Prints a table: milliseconds per optimizer step (median over --steps, after 2 warm-up
-steps) and the ratio to the reference implementation on the same parameters and settings.
-Targets (issue 4): Muon ≤ 1.0× torch.optim.Muon.
+Prints a table: milliseconds per optimizer step and the ratio to the reference
+implementation on the same parameters and settings. Muon: the hidden matrices, median over
+--steps after 2 warm-up steps. Shampoo and SOAP: every matrix of the GPT (embedding, hidden,
+head), mean over --steps × (preconditioner period) steps after the first call, so the
+amortized root / eigenbasis refresh is included. References: torch.optim.Muon,
+pytorch_optimizer.Shampoo, pytorch_optimizer.SOAP (test extra).
+Targets (issue 4): Muon ≤ 1.0× torch.optim.Muon; Shampoo and SOAP ≥ 1.5× faster.
 """
 
 from __future__ import annotations
@@ -19,13 +24,17 @@ from spectral_mup.models import GPT, GPTConfig
 from spectral_mup.optim import Muon
 
 
-def hidden_matrices(width: int, depth: int, device: str) -> list[torch.Tensor]:
+def hidden_matrices(
+    width: int, depth: int, device: str, every_matrix: bool = False
+) -> list[torch.Tensor]:
     with torch.device("meta"):
         model = GPT(
             GPTConfig(width=width, depth=depth, n_heads=2, vocab_size=65, block_size=8), _bare=True
         )
     shapes = [
-        p.shape for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim == 2
+        p.shape
+        for n, p in model.named_parameters()
+        if p.ndim == 2 and (every_matrix or n.startswith("blocks."))
     ]
     gen = torch.Generator().manual_seed(0)
     params = [
@@ -36,19 +45,84 @@ def hidden_matrices(width: int, depth: int, device: str) -> list[torch.Tensor]:
     return params
 
 
-def time_steps(opt: torch.optim.Optimizer, steps: int, device: str) -> float:
-    for _ in range(2):
+def time_steps(opt: torch.optim.Optimizer, steps: int, device: str, warmup: int = 2) -> float:
+    """Median ms of ``steps`` single steps after ``warmup`` steps."""
+    for _ in range(warmup):
         opt.step()
     times = []
     for _ in range(steps):
-        if device == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         start = time.perf_counter()
         opt.step()
-        if device == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
+
+
+def time_period(opt: torch.optim.Optimizer, steps: int, device: str) -> float:
+    """Mean ms per step over ``steps`` steps after the first (initializing) call."""
+    opt.step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        opt.step()
+    _sync(device)
+    return 1000 * (time.perf_counter() - start) / steps
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def kronecker_rows(args, kind: str) -> list[tuple[str, float, float]]:
+    """Ours vs pytorch_optimizer at equal settings on every GPT matrix."""
+    import pytorch_optimizer as po
+
+    from spectral_mup.optim import SOAP, Shampoo
+
+    def params():
+        return hidden_matrices(args.width, args.depth, args.device, every_matrix=True)
+
+    if kind == "shampoo":  # Gupta et al. 2018: e = 1/4, sums, roots every `period` steps
+        period = args.shampoo_period
+        ref = po.Shampoo(params(), lr=1e-3, preconditioning_compute_steps=period, matrix_eps=1e-6)
+        ours = Shampoo(params(), lr=1e-3, epsilon=1e-6, precondition_frequency=period)
+        label = f"Shampoo (roots every {period})"
+    else:  # official defaults: betas 0.95, refresh every 10, decay 0.01
+        period = 10
+        ref = po.SOAP(params(), lr=3e-3, precondition_frequency=period)
+        ours = SOAP(params(), lr=3e-3, precondition_frequency=period)
+        label = "SOAP (refresh every 10)"
+    steps = args.steps * period
+    reference = time_period(ref, steps, args.device)
+    mine = time_period(ours, steps, args.device)
+    return [
+        (f"pytorch_optimizer {label}", reference, 1.0),
+        (f"spectral_mup {label}", mine, mine / reference),
+    ]
+
+
+def muon_rows(args) -> list[tuple[str, float, float]]:
+    """Ours vs torch.optim.Muon (original shape factor) on the hidden matrices."""
+    params = hidden_matrices(args.width, args.depth, args.device)
+    reference = time_steps(
+        torch.optim.Muon(params, lr=0.02, weight_decay=0.0), args.steps, args.device
+    )
+    rows = [("torch.optim.Muon (bf16 NS on CPU)", reference, 1.0)]
+    for label, kwargs in [
+        ("spectral_mup Muon, NS in bf16", {"ns_dtype": torch.bfloat16}),
+        ("spectral_mup Muon, default NS dtype", {}),
+    ]:
+        opt = Muon(
+            hidden_matrices(args.width, args.depth, args.device),
+            lr=0.02,
+            shape_factor="original",
+            **kwargs,
+        )
+        ours = time_steps(opt, args.steps, args.device)
+        rows.append((label, ours, ours / reference))
+    return rows
 
 
 def main() -> None:
@@ -57,38 +131,28 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--optimizers", default="muon,shampoo,soap")
+    parser.add_argument(
+        "--shampoo-period", type=int, default=1, help="Shampoo: steps between roots"
+    )
     args = parser.parse_args()
-    rows = []
-    params = hidden_matrices(args.width, args.depth, args.device)
-    n = sum(p.numel() for p in params)
-    reference = time_steps(
-        torch.optim.Muon(params, lr=0.02, weight_decay=0.0), args.steps, args.device
-    )
-    rows.append(("torch.optim.Muon (bf16 NS on CPU)", reference, 1.0))
-    for label, kwargs in [
-        ("spectral_mup Muon, NS in bf16", {"ns_dtype": torch.bfloat16}),
-        ("spectral_mup Muon, default NS dtype", {}),
-    ]:
-        ours = time_steps(
-            Muon(
-                hidden_matrices(args.width, args.depth, args.device),
-                lr=0.02,
-                shape_factor="original",
-                **kwargs,
-            ),
-            args.steps,
-            args.device,
-        )
-        rows.append((label, ours, ours / reference))
+    kinds = args.optimizers.split(",")
+    rows = muon_rows(args) if "muon" in kinds else []
+    for kind in ("shampoo", "soap"):
+        if kind in kinds:
+            rows.extend(kronecker_rows(args, kind))
+    hidden = hidden_matrices(args.width, args.depth, "meta")
+    every = hidden_matrices(args.width, args.depth, "meta", every_matrix=True)
     print(
-        f"optimizer step on {len(params)} hidden matrices of GPT width {args.width}, depth "
-        f"{args.depth} ({n / 1e6:.1f}M parameters), device {args.device}, "
-        f"{torch.get_num_threads()} threads"
+        f"GPT width {args.width}, depth {args.depth}, device {args.device}, "
+        f"{torch.get_num_threads()} threads. Muon: {len(hidden)} hidden matrices "
+        f"({sum(p.numel() for p in hidden) / 1e6:.1f}M); Shampoo/SOAP: {len(every)} matrices "
+        f"incl. embedding and head ({sum(p.numel() for p in every) / 1e6:.1f}M)"
     )
-    print(f"| {'optimizer':<40} | {'ms/step':>8} | {'× reference':>11} |")
-    print(f"|{'-' * 42}|{'-' * 10}|{'-' * 13}|")
+    print(f"| {'optimizer':<50} | {'ms/step':>8} | {'× reference':>11} |")
+    print(f"|{'-' * 52}|{'-' * 10}|{'-' * 13}|")
     for label, ms, ratio in rows:
-        print(f"| {label:<40} | {ms:>8.1f} | {ratio:>11.2f} |")
+        print(f"| {label:<50} | {ms:>8.1f} | {ratio:>11.2f} |")
 
 
 if __name__ == "__main__":

@@ -74,6 +74,29 @@ def test_mup_groups_at_width_4x_and_depth_2x():
     assert model.blocks[0].attn.scale == pytest.approx(math.sqrt(16) / 64)
 
 
+def test_shampoo_and_soap_groups_at_width_4x_and_depth_2x():
+    """Shampoo: damping under its own key `epsilon`, scaled by (c·a)²·m_in/m_out; Qiu et al.'s
+    blocked formula for the LR. SOAP: Adam-like eps ε·c·a/m_out, blocked LR."""
+    p = Parametrization(kind="mup", base_width=32, base_depth=2, depth_alpha=1.0)
+    model = GPT(GPTConfig(width=128, depth=4, n_heads=2, vocab_size=65, block_size=16), p)
+    sh = build_optimizer("shampoo", model, p, lr=1e-2, eps=1e-6)
+    by_name = {n: g for g in sh.param_groups for n in g["names"]}
+    ml = 2.0
+    hidden, emb = by_name["blocks.1.attn.c_proj.weight"], by_name["wte.weight"]
+    assert "eps" not in hidden
+    assert hidden["epsilon"] == pytest.approx(1e-6 / ml**2)  # ε/m_L^(2α)
+    assert emb["epsilon"] == pytest.approx(1e-6 / 4)  # ε/m on input
+    assert by_name["lm_head.weight"]["epsilon"] == pytest.approx(1e-6 / 4)  # and readout
+    assert hidden["lr"] == pytest.approx(1e-2)  # orthogonalized: hidden η (× m_L^(α−1) = 1)
+    assert emb["lr"] == pytest.approx(1e-2 * 2)  # input η·sqrt(m)
+    soap = build_optimizer("soap", model, p, lr=1e-2, block_size=32)
+    by_name = {n: g for g in soap.param_groups for n in g["names"]}
+    hidden = by_name["blocks.1.attn.c_proj.weight"]
+    assert hidden["eps"] == pytest.approx(1e-8 / (4 * ml))
+    assert hidden["lr"] == pytest.approx(1e-2 / 4)  # blocks of 32: 4×4 blocks vs 1 → ÷4
+    assert by_name["blocks.1.ln_1.weight"]["lr"] == pytest.approx(1e-2)  # vector: Adam
+
+
 def test_independent_weight_decay_groups():
     p = Parametrization(
         kind="mup", base_width=32, base_depth=2, wd_mode="independent", wd_width_scaling="inverse"

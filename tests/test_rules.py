@@ -155,3 +155,65 @@ def test_registry_and_rules_cover_the_same_optimizers():
         KeyError, match="known: adamw, adopt, lamb, lion, muon, sgd, shampoo, soap, sophia"
     ):
         rules.family_of("lion9")
+
+
+def _hidden_lr(family, width, base=64):
+    m = width / base
+    return rules.param_scales(family, "hidden", width, width, m, m).lr
+
+
+def test_kronecker_family_qiu_formula():
+    """Qiu et al.: lr ∝ (fo/fi)^(1−s) / (m_L^(2s−1)·n_blocks^s), n_blocks = ⌈fo/b⌉⌈fi/b⌉."""
+    assert rules.kronecker_family() is rules.FAMILIES["orthogonalized"]  # e = ¼, unblocked
+    b128 = rules.kronecker_family(block_size=128)
+    # widths 64, 128 are one block; 256 is 2×2 blocks, 512 is 4×4: n_blocks^-½ = 1, 1, ½, ¼
+    assert [_hidden_lr(b128, w) for w in (64, 128, 256, 512)] == pytest.approx([1, 1, 0.5, 0.25])
+    b32 = rules.kronecker_family(block_size=32)  # every width blocked: AdamW's η/m
+    for w in (128, 256, 512):
+        assert _hidden_lr(b32, w) == pytest.approx(_hidden_lr(ADAM, w))
+    # e = ½ each (s = 1): width-independent hidden LR unblocked, ∝ 1/n_blocks blocked, depth 1/m_L
+    half = rules.kronecker_family((0.5, 0.5))
+    assert _hidden_lr(half, 512) == pytest.approx(1.0)
+    assert _hidden_lr(rules.kronecker_family((0.5, 0.5), 32), 512) == pytest.approx(1 / 64)
+    deep = rules.param_scales(half, "hidden", 64, 64, 1, 1, ML, in_block=True, alpha=1.0)
+    assert deep.lr == pytest.approx(1 / ML)
+    # rectangular layer, s = ½: (fo/fi)^½ / n_blocks^½ relative to the base
+    fam = rules.kronecker_family(block_size=64)
+    s = rules.param_scales(fam, "hidden", 512, 2048, 8, 8)
+    assert s.lr == pytest.approx(1 / 8)  # base 64×256: n_blocks 4; width 512×2048: 256
+
+
+def test_preconditioned_family_by_options():
+    assert rules.preconditioned_family("adam") is ADAM
+    assert rules.preconditioned_family("adagrad", block_size=128) is ADAM
+    assert rules.preconditioned_family("sgd") is SGD
+    assert rules.preconditioned_family("none", block_size=0).name == "orthogonalized"
+    # override applies to matrices only: Shampoo's vectors stay entrywise
+    vec = rules.family_of("shampoo", "vector", override=rules.kronecker_family(block_size=8))
+    assert vec is ADAM
+
+
+@pytest.mark.parametrize(
+    ("role", "entry", "gram"),
+    # (m_in, m_out, c) per role as in `scales`; in a block a = 1/m_L (α = 1)
+    [
+        ("input", 1 / M, 1 / M),
+        ("hidden", 1 / (M * ML), 1 / ML**2),
+        ("output", 1 / M, 1 / M),
+        ("vector", 1.0, 1.0),
+    ],
+)
+def test_eps_rules(role, entry, gram):
+    """Adam-like ε·c·a/m_out; Shampoo damping ε·(c·a)²·m_in/m_out (RULES.md §3–4)."""
+    in_block = role in ("hidden", "vector")
+    m_in = {"input": 1.0, "hidden": M, "output": M, "vector": 1.0}[role]
+    m_out = {"input": M, "hidden": M, "output": 1.0, "vector": M}[role]
+    c = rules.forward_multiplier(role, m_in)
+    a = rules.branch_multiplier(ML, 1.0) if in_block else 1.0
+    assert rules.eps_multiplier("entry", role, m_in, m_out, c, a) == pytest.approx(entry)
+    assert rules.eps_multiplier("gram", role, m_in, m_out, c, a) == pytest.approx(gram)
+    assert rules.eps_multiplier(None, role, m_in, m_out, c, a) == 1.0
+    assert rules.eps_rule("shampoo", rules.FAMILIES["orthogonalized"]) == "gram"
+    assert rules.eps_rule("soap", rules.FAMILIES["orthogonalized"]) == "entry"
+    assert rules.eps_rule("muon", rules.FAMILIES["orthogonalized"]) is None
+    assert rules.eps_rule("adamw", ADAM) == "entry"

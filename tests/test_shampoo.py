@@ -151,3 +151,16 @@ def test_state_dict_round_trip(grafting):
             opt.step()
     for pa, pb in zip(a, b, strict=True):
         assert torch.equal(pa, pb)
+
+
+def test_chunked_gram_update_matches_the_full_product():
+    """blocks.gram_update_ computes x·xᵀ from its upper block triangle (rows ≥ 1024)."""
+    from spectral_mup.optim.blocks import gram_update_
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 1300, 40, generator=gen, dtype=F64)
+    gram = torch.randn(2, 1300, 1300, generator=gen, dtype=F64)
+    gram = gram + gram.mT
+    expected = 0.9 * gram + 0.1 * x @ x.mT
+    gram_update_(gram, x, 0.9, 0.1)
+    torch.testing.assert_close(gram, expected, atol=1e-10, rtol=0)

@@ -149,6 +149,16 @@ def _field_types(section: str) -> dict[str, Any]:
     return {k: v for k, v in hints.items() if (section, k) not in _DERIVED}
 
 
+def optimizer_option(assignment: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` → (key, value typed like ``OptimSection.KEY``), e.g. ``block_size=128``."""
+    key, sep, text = assignment.partition("=")
+    types_ = typing.get_type_hints(OptimSection)
+    if not sep or key not in types_ or key in ("name", "lr", "weight_decay"):
+        options = ", ".join(k for k in types_ if k not in ("name", "lr", "weight_decay"))
+        raise ConfigError(f"--opt needs KEY=VALUE with KEY one of: {options}; got {assignment!r}")
+    return key, _coerce(f"optim.{key}", text, types_[key])
+
+
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     """Check (TOML values) or parse (command-line strings) one value against its type."""
     origin = typing.get_origin(typ)

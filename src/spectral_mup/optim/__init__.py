@@ -143,7 +143,8 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """A registered optimizer over ``model`` with per-tensor μP lr / wd / eps groups.
 
-    ``lr``, ``weight_decay`` and ``eps`` are the base model's values; every other keyword
+    ``lr``, ``weight_decay`` and ``eps`` (the optimizer's ε under its own name or as
+    ``eps``, e.g. Shampoo's damping ``epsilon``) are the base model's values; every other keyword
     goes to the optimizer unchanged (defaults: ``REGISTRY[name].defaults``; ADOPT decouples
     its weight decay, as when it replaces AdamW). ``spectral_normalize`` wraps the optimizer
     in ``SpectralNormalized`` (every matrix update rescaled to its target spectral norm; μP
@@ -154,6 +155,8 @@ def build_optimizer(
         raise ConfigError(f"lr must be > 0, got {lr!r}")
     if weight_decay < 0:
         raise ConfigError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    if spec.eps_key not in (None, "eps") and "eps" in kwargs:  # `eps` names any optimizer's ε
+        kwargs[spec.eps_key] = kwargs.pop("eps")
     options = {**spec.defaults, **kwargs}
     eps = options.pop(spec.eps_key) if spec.eps_key else None
     if options.get("shape_factor", "spectral") not in rules.SHAPE_FACTORS:

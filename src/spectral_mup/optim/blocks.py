@@ -66,3 +66,22 @@ def scatter(matrix: torch.Tensor, region: Region, blocks: torch.Tensor) -> None:
 def as_matrix(t: torch.Tensor) -> torch.Tensor:
     """A tensor of two or more dimensions as a matrix: rows = dim 0, columns = the rest."""
     return t.reshape(t.size(0), -1)
+
+
+def gram_update_(gram: torch.Tensor, x: torch.Tensor, beta: float, weight: float) -> None:
+    """gram ← beta·gram + weight·x·xᵀ for batched ``x`` (n, r, c), computing only the upper
+    block triangle of the symmetric product in chunks of 512 rows and mirroring it: about
+    40% fewer FLOPs than one r×r product when r ≥ 1024 (the syrk BLAS routine torch lacks)."""
+    rows = x.size(-2)
+    chunk = 512
+    if rows < 2 * chunk:
+        gram.baddbmm_(x, x.mT, beta=beta, alpha=weight)
+        return
+    starts = list(range(0, rows, chunk))
+    for a in starts:
+        xa = x[:, a : a + chunk]
+        for b in starts[starts.index(a) :]:
+            block = gram[:, a : a + chunk, b : b + chunk]
+            block.baddbmm_(xa, x[:, b : b + chunk].mT, beta=beta, alpha=weight)
+            if b != a:
+                gram[:, b : b + chunk, a : a + chunk].copy_(block.mT)

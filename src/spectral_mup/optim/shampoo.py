@@ -24,7 +24,7 @@ import math
 import torch
 
 from .base import ParamwiseOptimizer, check_hparams
-from .blocks import as_matrix, gather, regions, scatter
+from .blocks import as_matrix, gather, gram_update_, regions, scatter
 
 GRAFTINGS = ("none", "sgd", "adagrad", "adam")
 
@@ -126,12 +126,9 @@ class Shampoo(ParamwiseOptimizer):
         for i, r in enumerate(tiles):
             gb = gather(g, r)
             left, right = state[f"L{i}"], state[f"R{i}"]
-            if beta2 == 1.0:
-                left.baddbmm_(gb, gb.mT)
-                right.baddbmm_(gb.mT, gb)
-            else:
-                left.baddbmm_(gb, gb.mT, beta=beta2, alpha=1 - beta2)
-                right.baddbmm_(gb.mT, gb, beta=beta2, alpha=1 - beta2)
+            weight = 1.0 if beta2 == 1.0 else 1 - beta2
+            gram_update_(left, gb, beta2, weight)
+            gram_update_(right, gb.mT, beta2, weight)
             if recompute:
                 scale = 1.0 if beta2 == 1.0 else 1.0 / (1 - beta2**t)
                 state[f"Linv{i}"] = inverse_root(left * scale, e_l, group["epsilon"])

@@ -24,7 +24,7 @@ import math
 import torch
 
 from .base import ParamwiseOptimizer, check_hparams
-from .blocks import Region, gather, regions, scatter
+from .blocks import Region, gather, gram_update_, regions, scatter
 
 SIDES = ("L", "R")
 
@@ -132,7 +132,8 @@ class SOAP(ParamwiseOptimizer):
         for i, gb in enumerate(blocks):
             for side in SIDES:
                 if f"GG{side}{i}" in state:
-                    state[f"GG{side}{i}"].lerp_(self._gram(gb, side), 1 - beta_s)
+                    x = gb if side == "L" else gb.mT
+                    gram_update_(state[f"GG{side}{i}"], x, beta_s, 1 - beta_s)
             if refresh:
                 self._refresh(state, i)
 
