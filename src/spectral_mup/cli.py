@@ -70,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="wrap the optimizer in SpectralNormalized (RULES.md §6)",
     )
+    cc.add_argument(
+        "--opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an optimizer option (an [optim] key), e.g. --opt block_size=128 --opt grafting=adam",
+    )
     cc.add_argument("--param", type=_kinds, default=["sp", "mup"], help="sp,mup")
     cc.add_argument("--widths", type=_ints, default=None, help="e.g. 64,128,256,512")
     cc.add_argument(
@@ -93,6 +100,18 @@ def _parser() -> argparse.ArgumentParser:
     cc.add_argument("--json", default=None, help="JSON path (default: OUT/coord.json)")
     cc.add_argument("--quiet", action="store_true")
 
+    sw = sub.add_parser(
+        "sweep",
+        help="a grid of training runs (LR × WD × width × depth × seed) into a SQLite store",
+        description="Run every run of a sweep spec (see configs/sweeps/) not yet in its store; "
+        "rerunning skips finished runs and resumes killed ones from their checkpoints.",
+    )
+    sw.add_argument("spec", help="sweep spec TOML (see configs/sweeps/)")
+    sw.add_argument("--executor", choices=("local", "ray"), default=None, help="default: local")
+    sw.add_argument("--workers", type=int, default=None, help="runs at once (0 = auto)")
+    sw.add_argument("--address", default=None, help="Ray cluster address (with --executor ray)")
+    sw.add_argument("--dry-run", action="store_true", help="list the runs; train nothing")
+
     data = sub.add_parser("data", help="prepare token .bin files (train.bin, val.bin, meta.json)")
     data.add_argument(
         "source",
@@ -101,6 +120,14 @@ def _parser() -> argparse.ArgumentParser:
         help="'shakespeare' (default) or a UTF-8 text file",
     )
     data.add_argument("--out", required=True, help="output directory")
+
+    report = sub.add_parser(
+        "report",
+        help="tables (val loss per LR × width/depth), loss-vs-LR plots and optimum drift",
+    )
+    report.add_argument("store", help="the sweep's run store (SQLite file)")
+    report.add_argument("--out", default=None, help="output directory (default: STORE_DIR/report)")
+    report.add_argument("--sweep", default=None, help="report only this sweep of the store")
     return parser
 
 
@@ -114,6 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _train(args, extra)
         if args.command == "coord-check":
             return _coord_check(args)
+        if args.command == "sweep":
+            return _sweep(args)
+        if args.command == "report":
+            return _report(args)
         return _data(args)
     except SmupError as exc:
         print(f"smup: error: {exc}", file=sys.stderr)
@@ -139,6 +170,7 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _coord_check(args: argparse.Namespace) -> int:
+    from .config import optimizer_option
     from .coord import gpt_coord_check
     from .fileio import write_json
     from .optim import get_spec
@@ -153,6 +185,13 @@ def _coord_check(args: argparse.Namespace) -> int:
         optimizer_kwargs["shape_factor"] = args.shape_factor
     if args.spectral_normalize:
         optimizer_kwargs["spectral_normalize"] = True
+    for assignment in args.opt:
+        key, value = optimizer_option(assignment)
+        if key == "eps" and spec.eps_key:  # the optimizer's own name for its eps
+            key = spec.eps_key
+        if key not in spec.defaults:
+            raise ConfigError(f"--opt {key} is not an option of {args.optimizer}")
+        optimizer_kwargs[key] = value
     for name in ("width", "depth", "n_heads", "steps", "seeds", "batch_size", "block_size"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
@@ -207,6 +246,18 @@ def _coord_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from .sweep import dry_run_lines, load_spec, run_sweep
+
+    spec = load_spec(args.spec)
+    if args.dry_run:
+        print("\n".join(dry_run_lines(spec)))
+        return 0
+    summary = run_sweep(spec, executor=args.executor, workers=args.workers, address=args.address)
+    print(summary.line())
+    return 1 if summary.lost else 0
+
+
 def _data(args: argparse.Namespace) -> int:
     from .data import load_dataset, prepare_bin
 
@@ -217,6 +268,16 @@ def _data(args: argparse.Namespace) -> int:
         f"val.bin ({len(dataset.val)} tokens), "
         f"meta.json (vocab {dataset.vocab_size})"
     )
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import comparison_table, plain_table, report_store
+
+    report, paths = report_store(args.store, args.out, args.sweep)
+    print(plain_table(comparison_table(report.comparison)))
+    for path in paths:
+        print(f"wrote {path}")
     return 0
 
 

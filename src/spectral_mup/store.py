@@ -56,16 +56,22 @@ class RunStore:
         self.path = Path(path)
         if not create and not self.path.is_file():
             raise StoreError(f"no run store at {self.path}; run `smup sweep SPEC.toml` first")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._db = sqlite3.connect(self.path, timeout=30.0)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            cols = ", ".join(f"{name} {typ}" for name, typ in COLUMNS.items())
-            self._db.execute(f"CREATE TABLE IF NOT EXISTS runs ({cols})")
-            self._db.commit()
+            if create:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(self.path, timeout=30.0)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                cols = ", ".join(f"{name} {typ}" for name, typ in COLUMNS.items())
+                self._db.execute(f"CREATE TABLE IF NOT EXISTS runs ({cols})")
+                self._db.commit()
+            else:  # read-only: a reader never changes the file (no table, no WAL switch)
+                uri = f"{self.path.resolve().as_uri()}?mode=ro"
+                self._db = sqlite3.connect(uri, uri=True, timeout=30.0)
             have = {row[1] for row in self._db.execute("PRAGMA table_info(runs)")}
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path} is not a spectral-mup run store ({exc})") from None
+        if not have:
+            raise StoreError(f"{self.path} is not a spectral-mup run store (no runs table)")
         if have != set(COLUMNS):
             raise StoreError(
                 f"{self.path} has a different runs table (columns {sorted(have)}); "

@@ -1,0 +1,408 @@
+"""Tests for spectral_mup.sweep: run ids, spec validation, divergence and failure as results,
+skipping stored runs, SIGKILL + resume, and the Ray executor."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from spectral_mup import sweep as S
+from spectral_mup.cli import main
+from spectral_mup.config import load_config
+from spectral_mup.store import RunStore
+from spectral_mup.train import run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+OVERRIDES = """\
+[overrides]
+"model.n_heads" = 2
+"model.block_size" = 16
+"param.base_width" = 16
+"param.base_depth" = 1
+"train.batch_size" = 4
+"train.eval_iters" = 2
+"""
+
+
+def write_spec(
+    root: Path,
+    grid: str,
+    *,
+    budget: str = "steps = 20",
+    overrides: str = "",
+    sweep: str = "",
+    name: str = "t",
+) -> Path:
+    """A tiny sweep spec under ``root``, with its store and run dirs under ``root`` too."""
+    root.mkdir(parents=True, exist_ok=True)
+    if "warmup_iters" not in overrides:
+        overrides += '"train.warmup_iters" = 2\n'
+    spec = root / "spec.toml"
+    spec.write_text(
+        f'[sweep]\nname = "{name}"\nstore = "{(root / "store.sqlite").as_posix()}"\n'
+        f'out_dir = "{(root / "runs").as_posix()}"\n{sweep}\n'
+        f"[grid]\n{grid}\n\n[budget]\n{budget}\n\n{OVERRIDES}{overrides}\n",
+        encoding="utf-8",
+    )
+    return spec
+
+
+def by_id(store: Path) -> dict[str, dict]:
+    with RunStore(store, create=False) as s:
+        return {r["id"]: r for r in s.rows()}
+
+
+def results(rows: dict[str, dict]) -> dict[str, tuple]:
+    keys = ("status", "best_val_loss", "final_val_loss", "train_loss", "diverged_step", "iters")
+    return {i: tuple(r[k] for k in keys) for i, r in rows.items()}
+
+
+# ----------------------------------------------------------------------------- run ids
+
+
+def test_run_ids_are_deterministic_and_differ_with_every_hyperparameter(tmp_path):
+    base = [
+        "--model.width",
+        "32",
+        "--model.depth",
+        "1",
+        "--model.n_heads",
+        "2",
+        "--param.base_width",
+        "16",
+    ]
+    cfg = load_config(None, base)
+    same = [
+        ["--train.out_dir", "elsewhere"],
+        ["--train.progress", "false"],
+        ["--train.resume", "false"],
+        ["--train.device", "cuda"],
+    ]
+    for extra in same:  # runtime-only keys
+        assert S.run_id(load_config(None, base + extra)) == S.run_id(cfg), extra
+    changes = [
+        ["--optim.lr", "0.004"],
+        ["--optim.weight_decay", "0.1"],
+        ["--optim.name", "lion"],
+        ["--optim.eps", "1e-9"],
+        ["--model.width", "64"],
+        ["--model.depth", "2"],
+        ["--param.kind", "sp"],
+        ["--param.depth_alpha", "0.5"],
+        ["--param.base_width", "32"],
+        ["--train.seed", "1"],
+        ["--train.batch_size", "8"],
+        ["--train.max_iters", "7"],
+        ["--data.path", "other.txt"],
+    ]
+    ids = [S.run_id(load_config(None, base + extra)) for extra in changes]
+    assert len(set(ids)) == len(ids) and S.run_id(cfg) not in ids
+    assert all(len(i) == 16 and int(i, 16) >= 0 for i in ids)
+
+    spec = write_spec(
+        tmp_path,
+        'param = ["sp", "mup"]\ndepth_alpha = [0.5, 1.0]\nwidth = [16, 32]\ndepth = 1\n'
+        "lr = { log2_min = -9, log2_max = -7, step = 1 }\nseed = [0, 1]",
+        budget="tokens = 1000",
+    )
+    runs = S.load_spec(spec).runs
+    # SP runs are not repeated over α: (1 SP + 2 μP) × 2 widths × 3 LRs × 2 seeds
+    assert len(runs) == 3 * 2 * 3 * 2 == len({r.id for r in runs})
+    assert sorted({r.config.optim.lr for r in runs}) == [2.0**-9, 2.0**-8, 2.0**-7]
+    assert {r.config.param.depth_alpha for r in runs if r.config.param.kind == "sp"} == {0.0}
+    assert {r.config.train.max_iters for r in runs} == {math.ceil(1000 / (4 * 16))}
+    for r in runs:
+        assert r.id == S.run_id(r.config)
+        assert Path(r.config.train.out_dir) == tmp_path / "runs" / r.id
+        assert not r.config.train.progress and r.config.train.resume
+    assert [r.id for r in S.load_spec(spec).runs] == [r.id for r in runs]
+    # another process, another hash seed, another working directory: the same ids
+    code = (
+        "from spectral_mup.sweep import load_spec; "
+        f"print(*[r.id for r in load_spec({str(spec)!r}).runs])"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd="/", env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == [r.id for r in runs]
+    assert not (tmp_path / "store.sqlite").exists() and not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------- bad specs
+
+GOOD_GRID = "width = [16, 32]\nlr = [0.01]"
+
+
+@pytest.mark.parametrize(
+    ("grid", "extra", "message"),
+    [
+        (GOOD_GRID, "[sweep2]\n", "unknown table 'sweep2'"),
+        ("widths = [16]", "", "unknown key in [grid] 'widths'"),
+        ("", "", "the [grid] table is empty"),
+        ("width = []", "", "grid.width is an empty list"),
+        ("lr = { log2_min = -4, log2_max = -12, step = 1 }", "", "is above log2_max"),
+        ("lr = { log2_min = -12, log2_max = -4, step = 0 }", "", "step must be a number > 0"),
+        ("lr = { log2_min = -12, log2_max = -4 }", "", "needs exactly log2_min, log2_max"),
+        ('optimizer = ["adamw", "adamz"]', "", "unknown optimizer 'adamz'"),
+        ("width = [16, 33]", "", "model.width 33 is not divisible by model.n_heads 2"),
+        ('param = ["mup", "ntk"]', "", "grid.param values are sp or mup"),
+        ("depth_alpha = [0.7]", "", "depth_alpha must be one of 0, 0.5, 1"),
+        ('width = ["wide"]', "", "model.width must be of type int"),
+        (GOOD_GRID, '"train.max_itres" = 5\n', "unknown config key 'train.max_itres'"),
+        (GOOD_GRID, '"optim.lr" = 0.1\n', "in both [grid] (lr) and [overrides]"),
+        (GOOD_GRID, '"train.out_dir" = "x"\n', "set [sweep] out_dir"),
+        (GOOD_GRID, '"model.vocab_size" = 70\n', "model.vocab_size is set from the data"),
+    ],
+)
+def test_bad_spec_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, grid, extra, message):
+    table = extra.startswith("[")  # a whole table, not override keys
+    spec = write_spec(tmp_path, grid, overrides="" if table else extra)
+    if table:
+        spec.write_text(spec.read_text() + extra)
+    assert main(["sweep", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("smup: error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.toml"]  # no store, no run dirs
+
+
+@pytest.mark.parametrize(
+    ("sweep", "budget", "message"),
+    [
+        ('base = "missing.toml"', "steps = 5", "sweep.base: config file"),
+        ("workers = -1", "steps = 5", "sweep.workers must be an integer >= 0"),
+        ('executor = "slurm"', "steps = 5", "sweep.executor must be local or ray"),
+        ("colour = 1", "steps = 5", "unknown key in [sweep] 'colour'"),
+        ("", "steps = 5\ntokens = 100", "budget.steps or budget.tokens, not both"),
+        ("", "steps = 0", "budget.steps must be an integer >= 1"),
+        ("", "epochs = 3", "unknown key in [budget] 'epochs'"),
+        ("", "patience = 10\n[overrides.train]\npatience = 5", "in both [budget] (patience)"),
+    ],
+)
+def test_bad_sweep_and_budget_tables(tmp_path, capsys, sweep, budget, message):
+    spec = write_spec(tmp_path, GOOD_GRID, sweep=sweep, budget=budget)
+    assert main(["sweep", str(spec), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("smup: error: ") and err.count("\n") == 1 and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.toml"]
+
+
+def test_missing_and_malformed_spec_files(tmp_path, capsys):
+    assert main(["sweep", str(tmp_path / "nope.toml")]) == 2
+    assert "sweep spec" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[grid\nwidth = 1\n")
+    assert main(["sweep", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "is not valid TOML" in err and err.count("\n") == 1
+
+
+def test_missing_ray_is_one_line_naming_the_extra(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    spec = write_spec(tmp_path, "width = 16\nlr = 0.01")
+    assert main(["sweep", str(spec), "--executor", "ray"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'spectral-mup[ray]'" in err
+    assert not (tmp_path / "store.sqlite").exists()
+
+
+def test_unreachable_ray_address_fails_fast(tmp_path, capsys):
+    pytest.importorskip("ray")
+    spec = write_spec(tmp_path, "width = 16\nlr = 0.01")
+    start = time.monotonic()
+    assert main(["sweep", str(spec), "--executor", "ray", "--address", "127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot reach a Ray cluster at 127.0.0.1:1" in err
+    assert time.monotonic() - start < 15 and not (tmp_path / "store.sqlite").exists()
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def test_diverging_lr_is_stored_as_diverged_and_the_rest_are_ok(tmp_path, capsys):
+    spec = write_spec(
+        tmp_path,
+        'param = ["sp", "mup"]\nwidth = [16, 32]\ndepth = 1\nlr = [0.0078125, 10.0]',
+        overrides='"train.warmup_iters" = 0\n"train.loss_ceiling" = 5.0\n',
+        sweep="workers = 2\nkeep_weights = true",  # through the process pool
+    )
+    assert main(["sweep", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert "4 ok, 4 diverged, 0 failed, 0 skipped (already stored) of 8 runs" in out
+    rows = by_id(tmp_path / "store.sqlite")
+    assert len(rows) == 8
+    for r in rows.values():
+        if r["lr"] == 10.0:
+            assert r["status"] == "diverged" and r["error"] is None
+            assert isinstance(r["diverged_step"], int) and 0 <= r["diverged_step"] < 20
+            assert r["iters"] == r["diverged_step"]
+        else:
+            assert r["status"] == "ok" and r["diverged_step"] is None and r["iters"] == 20
+            assert r["tokens"] == 20 * 4 * 16
+            assert 2.0 < r["best_val_loss"] < math.log(65)  # it learned something
+            assert r["best_val_loss"] <= r["final_val_loss"]
+            files = {p.name for p in (tmp_path / "runs" / r["id"]).iterdir()}
+            assert files == {"checkpoint.pt", "model.pt", "result.json"}  # keep_weights
+    # a row holds exactly what train.run returns for that config
+    one = next(r for r in rows.values() if r["status"] == "ok" and r["param"] == "mup")
+    cfg = next(x for x in S.load_spec(spec).runs if x.id == one["id"]).config
+    train = dataclasses.replace(cfg.train, out_dir=str(tmp_path / "again"))
+    again = run(dataclasses.replace(cfg, train=train), log=None)
+    assert (again["best_val_loss"], again["final_val_loss"]) == (
+        one["best_val_loss"],
+        one["final_val_loss"],
+    )
+    assert one["config"]["optim"]["lr"] == 0.0078125 and one["config"]["model"]["width"] in (16, 32)
+
+
+def test_failing_run_is_stored_as_failed_and_the_sweep_goes_on(tmp_path):
+    spec_path = write_spec(
+        tmp_path, 'param = ["sp", "mup"]\nwidth = 16\ndepth = 1\nlr = [0.004, 0.008]'
+    )
+    spec = S.load_spec(spec_path)
+    broken = spec.runs[1]
+    # a run dir holding a corrupt checkpoint: train.run raises CheckpointError in the worker
+    Path(broken.config.train.out_dir).mkdir(parents=True)
+    (Path(broken.config.train.out_dir) / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    summary = S.run_sweep(spec, workers=2, progress=False)
+    assert summary.counts == {"ok": 3, "diverged": 0, "failed": 1} and summary.skipped == 0
+    rows = by_id(spec.store)
+    assert len(rows) == 4
+    bad = rows[broken.id]
+    assert bad["status"] == "failed" and bad["best_val_loss"] is None and bad["iters"] is None
+    assert bad["error"].startswith("CheckpointError: checkpoint ") and "corrupt" in bad["error"]
+    assert "\n" not in bad["error"]
+    assert (bad["width"], bad["lr"], bad["param"]) == (16, broken.config.optim.lr, "sp")
+    assert (Path(broken.config.train.out_dir) / "checkpoint.pt").read_bytes() == b"not a checkpoint"
+    others = [r for i, r in rows.items() if i != broken.id]
+    assert all(r["status"] == "ok" and r["iters"] == 20 and r["error"] is None for r in others)
+
+
+def test_rerun_skips_stored_runs_and_runs_only_new_ones(tmp_path, monkeypatch, capsys):
+    grid = "width = [16, 32]\ndepth = 1\nlr = [0.004, 0.008]"
+    spec_path = write_spec(tmp_path, grid, sweep="workers = 1")  # in-process
+    monkeypatch.setattr(S, "available_cores", lambda: 1)  # one torch thread on a busy machine
+    calls = []
+    train_run = S._train_run
+    monkeypatch.setattr(S, "_train_run", lambda cfg: calls.append(cfg) or train_run(cfg))
+    first = S.run_sweep(S.load_spec(spec_path), progress=False)
+    assert (first.counts["ok"], first.skipped, len(calls)) == (4, 0, 4)
+    before = by_id(tmp_path / "store.sqlite")
+    for run_dir in (tmp_path / "runs").iterdir():  # stored: checkpoint and weights deleted
+        assert [p.name for p in run_dir.iterdir()] == ["result.json"]
+
+    assert main(["sweep", str(spec_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("stored  ") == 4 and "4 runs, 4 already stored, 0 to run" in out
+    assert main(["sweep", str(spec_path)]) == 0
+    out = capsys.readouterr().out
+    assert "0 ok, 0 diverged, 0 failed, 4 skipped (already stored) of 4 runs" in out
+    assert len(calls) == 4  # nothing retrained
+    assert by_id(tmp_path / "store.sqlite") == before  # not rewritten (finished_at included)
+
+    # one more LR: only its two runs train
+    write_spec(tmp_path, grid.replace("0.008]", "0.008, 0.016]"), sweep="workers = 1")
+    again = S.run_sweep(S.load_spec(spec_path), progress=False)
+    assert (again.counts["ok"], again.skipped, again.total) == (2, 4, 6)
+    assert [c.optim.lr for c in calls[4:]] == [0.016, 0.016]
+    after = by_id(tmp_path / "store.sqlite")
+    assert len(after) == 6 and {i: after[i] for i in before} == before
+
+
+# ----------------------------------------------------------------------------- kill safety
+
+
+def _rows_now(store: Path) -> int:
+    if not store.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=5) as db:
+            return db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+    except sqlite3.OperationalError:  # not created yet
+        return 0
+
+
+def test_sigkilled_sweep_resumes_to_the_rows_of_an_uninterrupted_one(tmp_path):
+    grid = 'param = ["sp", "mup"]\nwidth = [16, 32]\ndepth = 1\nlr = [0.004, 0.016]'
+    kw = dict(budget="steps = 60", overrides='"train.eval_interval" = 10\n', sweep="workers = 2")
+    killed = write_spec(tmp_path / "killed", grid, **kw)
+    spec = S.load_spec(killed)
+    store, out_dir, total = spec.store, spec.out_dir, len(spec.runs)
+    cmd = [sys.executable, "-m", "spectral_mup.cli", "sweep", str(killed)]
+    proc = subprocess.Popen(
+        cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 120
+    try:
+        while True:  # at least one row stored and a run checkpointed midway
+            in_flight = [
+                d.name
+                for d in (out_dir.iterdir() if out_dir.exists() else [])
+                if (d / "checkpoint.pt").exists() and not (d / "result.json").exists()
+            ]
+            if 1 <= _rows_now(store) < total and in_flight:
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"sweep ended (rc {proc.returncode}) before it could be killed")
+            time.sleep(0.005)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its pool workers
+        proc.communicate()
+    stored = _rows_now(store)
+    assert proc.returncode == -signal.SIGKILL and 1 <= stored < total
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    ran = total - stored
+    assert f"skipped (already stored) of {total} runs" in rerun.stdout
+    assert f"failed, {stored} skipped" in rerun.stdout and f"{ran} ok" in rerun.stdout
+
+    clean = S.load_spec(write_spec(tmp_path / "clean", grid, **kw))
+    summary = S.run_sweep(clean, progress=False)
+    assert summary.counts["ok"] == total
+
+    got, want = by_id(store), by_id(clean.store)
+    assert sorted(got) == sorted(want) == sorted(r.id for r in spec.runs)
+    with sqlite3.connect(store) as db:
+        assert db.execute("SELECT COUNT(*), COUNT(DISTINCT id) FROM runs").fetchone() == (
+            total,
+            total,
+        )
+    assert results(got) == results(want)  # bit-identical losses, statuses, iterations
+    assert all(want[i]["status"] == "ok" for i in in_flight)  # killed midway, then resumed
+
+
+# ----------------------------------------------------------------------------- Ray
+
+
+def test_ray_executor_gives_the_rows_of_the_local_executor(tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    monkeypatch.setattr(S, "available_cores", lambda: 1)  # one thread, as in each Ray task
+    grid = 'param = ["sp", "mup"]\nwidth = 16\ndepth = 1\nlr = [0.008, 10.0]'
+    kw = dict(overrides='"train.warmup_iters" = 0\n"train.loss_ceiling" = 5.0\n')
+    local = S.load_spec(write_spec(tmp_path / "local", grid, **kw))
+    remote = S.load_spec(write_spec(tmp_path / "ray", grid, **kw))
+    assert S.run_sweep(local, workers=1, progress=False).counts == {
+        "ok": 2,
+        "diverged": 2,
+        "failed": 0,
+    }
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        summary = S.run_sweep(remote, executor="ray", progress=False)
+    finally:
+        ray.shutdown()
+    assert summary.counts == {"ok": 2, "diverged": 2, "failed": 0} and summary.lost == 0
+    got, want = by_id(remote.store), by_id(local.store)
+    assert results(got) == results(want) and len(got) == 4
