@@ -112,6 +112,22 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--address", default=None, help="Ray cluster address (with --executor ray)")
     sw.add_argument("--dry-run", action="store_true", help="list the runs; train nothing")
 
+    tr = sub.add_parser(
+        "transfer",
+        help="sweep a proxy model, train the target with its best LR under μP (and SP)",
+        description="Run the proxy runs of a sweep spec, pick the best LR of each "
+        "parametrization (seed mean), train the target width/depth with it and compare.",
+    )
+    tr.add_argument("spec", help="sweep spec TOML whose grid holds the proxy size")
+    tr.add_argument("--target-width", type=int, required=True)
+    tr.add_argument("--target-depth", type=int, default=None, help="default: the proxy's")
+    tr.add_argument("--proxy-width", type=int, default=None, help="when the spec has several")
+    tr.add_argument("--proxy-depth", type=int, default=None, help="when the spec has several")
+    tr.add_argument("--sp", action="store_true", help="also train SP at SP's proxy optimum")
+    tr.add_argument("--executor", choices=("local", "ray"), default=None, help="default: local")
+    tr.add_argument("--workers", type=int, default=None, help="runs at once (0 = auto)")
+    tr.add_argument("--address", default=None, help="Ray cluster address (with --executor ray)")
+
     data = sub.add_parser("data", help="prepare token .bin files (train.bin, val.bin, meta.json)")
     data.add_argument(
         "source",
@@ -145,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _sweep(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "transfer":
+            return _transfer(args)
         return _data(args)
     except SmupError as exc:
         print(f"smup: error: {exc}", file=sys.stderr)
@@ -256,6 +274,24 @@ def _sweep(args: argparse.Namespace) -> int:
     summary = run_sweep(spec, executor=args.executor, workers=args.workers, address=args.address)
     print(summary.line())
     return 1 if summary.lost else 0
+
+
+def _transfer(args: argparse.Namespace) -> int:
+    from .transfer import run_transfer
+
+    result = run_transfer(
+        args.spec,
+        args.target_width,
+        args.target_depth,
+        proxy_width=args.proxy_width,
+        proxy_depth=args.proxy_depth,
+        sp=args.sp,
+        executor=args.executor,
+        workers=args.workers,
+        address=args.address,
+    )
+    print("\n".join([*result.lines(), f"wrote {result.path}"]))
+    return 0
 
 
 def _data(args: argparse.Namespace) -> int:

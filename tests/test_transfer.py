@@ -1,0 +1,70 @@
+"""`smup transfer`: proxy sweep → best LR → target runs, all through the run store."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from spectral_mup.cli import main
+from spectral_mup.store import RunStore
+from test_sweep import write_spec
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+GRID = """\
+optimizer = "adamw"
+param = ["sp", "mup"]
+width = 16
+depth = 1
+lr = [0.001, 0.01, 0.1]
+seed = [0, 1]
+"""
+
+
+def test_transfer_trains_the_target_at_the_proxy_optimum(tmp_path, capsys):
+    spec = write_spec(tmp_path, GRID, budget="steps = 12", sweep="workers = 1")
+    code = main(["transfer", str(spec), "--target-width", "32", "--target-depth", "2", "--sp"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    with RunStore(tmp_path / "store.sqlite", create=False) as store:
+        rows = store.rows()
+    proxy = [r for r in rows if r["sweep"] == "t"]
+    target = [r for r in rows if r["sweep"] == "t-transfer"]
+    assert len(proxy) == 12 and len(target) == 4  # 2 params × 2 seeds at the target
+    info = json.loads((tmp_path / "transfer_32x2.json").read_text())
+    assert info["proxy"] == {"width": 16, "depth": 1}
+    for arm in info["arms"]:
+        means = {
+            lr: statistics.fmean(
+                r["best_val_loss"] for r in proxy if r["param"] == arm["param"] and r["lr"] == lr
+            )
+            for lr in (0.001, 0.01, 0.1)
+        }
+        assert arm["lr"] == min(means, key=means.get)  # the proxy's seed-mean argmin
+        assert arm["proxy_loss"] == pytest.approx(means[arm["lr"]])
+        mine = [r for r in target if r["param"] == arm["param"]]
+        assert {(r["width"], r["depth"], r["lr"]) for r in mine} == {(32, 2, arm["lr"])}
+        assert arm["target_loss"] == pytest.approx(
+            statistics.fmean(r["best_val_loss"] for r in mine)
+        )
+    assert "μP" in out and "SP" in out and "target width 32 depth 2" in out
+    # rerun: everything is stored, nothing retrains, same numbers
+    assert main(["transfer", str(spec), "--target-width", "32", "--target-depth", "2", "--sp"]) == 0
+    assert json.loads((tmp_path / "transfer_32x2.json").read_text()) == info
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--target-width", "33"], "divisible"),
+        (["--target-width", "32", "--proxy-width", "64"], "--proxy-width 64 is not in"),
+    ],
+)
+def test_transfer_bad_input_is_one_line_and_trains_nothing(tmp_path, capsys, args, message):
+    spec = write_spec(tmp_path, GRID, budget="steps = 12")
+    assert main(["transfer", str(spec), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "store.sqlite").exists()
