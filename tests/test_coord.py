@@ -215,6 +215,24 @@ def test_shampoo_unblocked_mup_flat():
     )
 
 
+def test_adam_grafted_shampoo_unblocked_flat_with_the_grafted_rule_not_with_adamws(monkeypatch):
+    """The measurement behind docs/RULES.md's grafting change (widths 64→256 here): the
+    grafted rule (hidden η/sqrt(m)) keeps every hidden group flat; AdamW's η/m, the spec's
+    row, shrinks them (−0.32…−0.51). The logits drift by −0.22 under either rule (the head's
+    rule is AdamW's in both; −0.20 at widths 64→512, docs/measurements.md)."""
+    from spectral_mup import rules
+
+    kwargs = dict(sizes=WIDTHS[:3], kinds=("mup",), optimizer="shampoo", seeds=(0, 1, 2))
+    kwargs.update(lr=DEFAULT_COORD_LR, optimizer_kwargs={"grafting": "adam"})
+    grafted = gpt_coord_check(**kwargs).slopes()["mup"]
+    for group in ("embedding", *HIDDEN):
+        assert abs(grafted[group]) <= 0.2, (group, grafted)
+    assert abs(grafted["logits"]) <= 0.25, grafted
+    monkeypatch.setattr(rules, "grafted_family", lambda block_size: rules.FAMILIES["entrywise"])
+    adamw_rule = gpt_coord_check(**kwargs).slopes()["mup"]
+    assert max(adamw_rule[g] for g in HIDDEN) < -0.3, adamw_rule
+
+
 @pytest.mark.parametrize(
     ("optimizer", "options"),
     [

@@ -183,9 +183,29 @@ def test_kronecker_family_qiu_formula():
     assert s.lr == pytest.approx(1 / 8)  # base 64×256: n_blocks 4; width 512×2048: 256
 
 
+def test_grafted_family_divides_the_adam_norm_by_the_direction_rank():
+    """Adam-grafted Shampoo: ‖update‖_F is Adam's, the direction's spectrum is flat, so
+    N = c·sqrt(fi·fo / min(fi, fo, b)): hidden η/sqrt(m) unblocked (docs/RULES.md, changed),
+    AdamW's η/m once every width is blocked, AdamW's rule for embedding and readout."""
+    unblocked = rules.grafted_family()
+    assert [_hidden_lr(unblocked, w) for w in (64, 128, 256, 512)] == pytest.approx(
+        [1, 2**-0.5, 0.5, 8**-0.5]
+    )
+    b128 = rules.grafted_family(128)  # one block up to 128, then rank 128: sqrt(min(w,128))/w
+    assert [_hidden_lr(b128, w) for w in (64, 128, 256, 512)] == pytest.approx(
+        [1, 2**-0.5, 2**-1.5, 2**-2.5]
+    )
+    b32 = rules.grafted_family(32)
+    for w in (128, 256, 512):
+        assert _hidden_lr(b32, w) == pytest.approx(_hidden_lr(ADAM, w))
+    for role, (fi, fo, mi, mo) in {"input": (50, 512, 1, M), "output": (512, 50, M, 1)}.items():
+        ours = rules.param_scales(unblocked, role, fi, fo, mi, mo).lr
+        assert ours == pytest.approx(rules.param_scales(ADAM, role, fi, fo, mi, mo).lr)
+
+
 def test_preconditioned_family_by_options():
-    assert rules.preconditioned_family("adam") is ADAM
-    assert rules.preconditioned_family("adagrad", block_size=128) is ADAM
+    assert rules.preconditioned_family("adam").name == "grafted(block=None)"
+    assert rules.preconditioned_family("adagrad", block_size=128).name == "grafted(block=128)"
     assert rules.preconditioned_family("sgd") is SGD
     assert rules.preconditioned_family("none", block_size=0).name == "orthogonalized"
     # override applies to matrices only: Shampoo's vectors stay entrywise

@@ -154,16 +154,41 @@ def kronecker_family(
     )
 
 
+def grafted_family(block_size: int | None = None) -> UpdateFamily:
+    """Shampoo with Adam or AdaGrad grafting: each block of the update is the Kronecker
+    direction L^-e·G·R^-e rescaled to the Frobenius norm of the grafted entrywise update,
+    sqrt(b_out·b_in) per unit LR. That direction has nearly equal singular values (exactly
+    U·Vᵀ after one summed step), so its spectral norm is the Frobenius norm over
+    sqrt(rank), rank = min(fan_in, fan_out, b): N = c·sqrt(fan_in·fan_out / min(fan_in,
+    fan_out, b)) (**changed**, measured; docs/RULES.md). Unblocked, a hidden matrix gets
+    η/sqrt(m), not AdamW's η/m (which leaves coordinate-check slopes of −0.23…−0.46, the
+    drift Qiu et al. saw); with fixed blocks (fans ≫ b) it is AdamW's 1/fan_in again;
+    embedding and readout (one fan fixed) keep AdamW's rule."""
+
+    def norm(fi: float, fo: float, c: float) -> float:
+        rank = min(fi, fo, block_size or math.inf)
+        return c * sqrt(fi * fo / rank)
+
+    return UpdateFamily(
+        f"grafted(block={block_size})",
+        norm,
+        0.0,
+        eps_follows_grad=True,
+        decay_in_direction=False,
+        source="Adam-grafted Kronecker direction: ‖·‖_F of Adam, flat spectrum (measured)",
+    )
+
+
 def preconditioned_family(
     grafting: str = "none",
     exponents: tuple[float, float] = (0.25, 0.25),
     block_size: int | None = None,
 ) -> UpdateFamily:
     """The family of a Shampoo/SOAP matrix: grafting hands the per-block norm to the grafted
-    update (Adam/AdaGrad → AdamW rules, SGD → SGD rules; RULES.md §3), else Qiu et al.'s
-    blocked formula (``kronecker_family``)."""
+    update (Adam/AdaGrad → ``grafted_family``, SGD → SGD rules; RULES.md §3), else Qiu et
+    al.'s blocked formula (``kronecker_family``)."""
     if grafting in ("adam", "adagrad"):
-        return FAMILIES["entrywise"]
+        return grafted_family(block_size or None)
     if grafting == "sgd":
         return FAMILIES["raw_gradient"]
     return kronecker_family(exponents, block_size or None)
