@@ -49,6 +49,15 @@ def test_adamw_sp_grows_in_width(adamw_width):
     assert sp[-1] > 2 * mup[-1]
 
 
+def test_adamw_mup_is_flat_with_the_default_sigma_head():
+    """The training default (σ_b-initialized head, not the protocol's zero head) is flat too:
+    μP max |slope| 0.11 (docs/measurements.md)."""
+    report = gpt_coord_check(
+        sizes=WIDTHS, optimizer="adamw", lr=DEFAULT_COORD_LR, zero_init_readout=False
+    )
+    assert_mup_flat_sp_grows(report, HIDDEN)
+
+
 def test_sgd_mup_is_flat_in_width():
     report = gpt_coord_check(sizes=WIDTHS, optimizer="sgd", lr=COORD_LR["sgd"], seeds=(0, 1, 2))
     assert_mup_flat_sp_grows(report, HIDDEN)
@@ -68,8 +77,7 @@ def test_depth_alpha_one_is_flat_and_alpha_zero_grows():
     slopes = report.slopes()
     assert abs(slopes["mup α=1"]["residual"]) <= 0.2
     assert abs(slopes["mup α=1"]["logits"]) <= 0.2
-    assert slopes["mup α=0"]["residual"] >= 0.5
-    assert slopes["mup α=0"]["logits"] > slopes["mup α=1"]["logits"]
+    assert slopes["mup α=0"]["residual"] >= 0.5  # the final LayerNorm keeps logits flat anyway
 
 
 def test_generic_model_coord_check():
@@ -231,6 +239,22 @@ def test_adam_grafted_shampoo_unblocked_flat_with_the_grafted_rule_not_with_adam
     monkeypatch.setattr(rules, "grafted_family", lambda block_size: rules.FAMILIES["entrywise"])
     adamw_rule = gpt_coord_check(**kwargs).slopes()["mup"]
     assert max(adamw_rule[g] for g in HIDDEN) < -0.3, adamw_rule
+    assert min(adamw_rule[g] for g in HIDDEN) < -0.45, adamw_rule
+
+
+def test_soap_unblocked_flat_with_adamws_rule_not_with_the_orthogonalized_one(monkeypatch):
+    """The measurement behind docs/RULES.md's SOAP change: unblocked SOAP under AdamW's rules
+    stays within ±0.2; under §3's orthogonalized rule (hidden LR constant) the hidden groups
+    grow almost linearly with width, as Qiu et al. saw unblocked SOAP drift."""
+    from spectral_mup import rules
+
+    kwargs = dict(sizes=WIDTHS, kinds=("mup",), optimizer="soap", seeds=(0, 1, 2))
+    kwargs.update(lr=DEFAULT_COORD_LR, optimizer_kwargs={"block_size": 0})
+    for group, s in gpt_coord_check(**kwargs).slopes()["mup"].items():
+        assert abs(s) <= 0.2, (group, s)
+    monkeypatch.setattr(rules, "soap_family", lambda b: rules.FAMILIES["orthogonalized"])
+    orthogonalized = gpt_coord_check(**kwargs).slopes()["mup"]
+    assert min(orthogonalized[g] for g in HIDDEN) > 0.8, orthogonalized
 
 
 @pytest.mark.parametrize(

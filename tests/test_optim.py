@@ -428,11 +428,10 @@ BATCH, SEQ = 4, 8
 
 
 def tiny_setup(name: str, seed: int):
-    p = P.for_optimizer(name)
     torch.manual_seed(seed)
-    model = GPT(CFG, p)
+    model = GPT(CFG, P)
     extra = {"bs": BATCH * SEQ} if name == "sophia" else {}
-    opt = build_optimizer(name, model, p, lr=1e-3, weight_decay=0.1, **extra)
+    opt = build_optimizer(name, model, P, lr=1e-3, weight_decay=0.1, **extra)
     return model, opt
 
 

@@ -116,7 +116,10 @@ def test_init_statistics():
     model = GPT(GPTConfig(width=1024, depth=1, n_heads=2, vocab_size=65, block_size=16), p)
     assert model.wte.weight.std().item() == pytest.approx(0.02, rel=0.02)
     assert model.blocks[0].mlp.c_fc.weight.std().item() == pytest.approx(0.02 / 4, rel=0.02)
-    assert model.lm_head.weight.abs().max().item() == 0.0  # zero readout by default under μP
+    # head: σ_b by default (the width-independent init of the readout-multiplier convention)
+    assert model.lm_head.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    zero = Parametrization(kind="mup", base_width=64, zero_init_readout=True)
+    assert GPT(model.config, zero).lm_head.weight.abs().max().item() == 0.0
     assert model.blocks[0].attn.c_attn.bias.abs().max().item() == 0.0
     assert torch.equal(model.blocks[0].ln_1.weight, torch.ones(1024))
     q = Parametrization(kind="mup", base_width=64, zero_init_query=True)

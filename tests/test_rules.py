@@ -203,6 +203,14 @@ def test_grafted_family_divides_the_adam_norm_by_the_direction_rank():
         assert ours == pytest.approx(rules.param_scales(ADAM, role, fi, fo, mi, mo).lr)
 
 
+def test_soap_family_entrywise_unblocked_qiu_blocked():
+    assert rules.soap_family(None) is ADAM  # changed by measurement (docs/RULES.md)
+    assert rules.soap_family(0) is ADAM
+    b128 = rules.soap_family(128)
+    assert [_hidden_lr(b128, w) for w in (64, 128, 256, 512)] == pytest.approx([1, 1, 0.5, 0.25])
+    assert rules.family_of("soap", "vector") is ADAM
+
+
 def test_preconditioned_family_by_options():
     assert rules.preconditioned_family("adam").name == "grafted(block=None)"
     assert rules.preconditioned_family("adagrad", block_size=128).name == "grafted(block=128)"

@@ -98,6 +98,13 @@ def _parser() -> argparse.ArgumentParser:
     cc.add_argument("--data", default=None, help="data path (default: Tiny Shakespeare)")
     cc.add_argument("--out", default="runs/coord", help="directory for the PNG grids")
     cc.add_argument("--json", default=None, help="JSON path (default: OUT/coord.json)")
+    cc.add_argument(
+        "--zero-init-readout",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="zero-init the μP row's readout (the protocol; --no-zero-init-readout checks the "
+        "training default, a σ_b-initialized head)",
+    )
     cc.add_argument("--quiet", action="store_true")
 
     sw = sub.add_parser(
@@ -227,6 +234,7 @@ def _coord_check(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         data=args.data,
         optimizer_kwargs=optimizer_kwargs,
+        zero_init_readout=args.zero_init_readout,
         progress=not args.quiet,
     )
     for w in [*widths, args.width]:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from . import rules
 from .fileio import atomic_write, write_json
 from .optim import build_optimizer
 from .parametrize import Parametrization
@@ -251,9 +252,16 @@ def gpt_coord_check(
     block_size: int = 64,
     data: str | None = None,
     optimizer_kwargs: Mapping[str, Any] | None = None,
+    zero_init_readout: bool = True,
     progress: bool = False,
 ) -> CoordReport:
     """Coordinate check of the bundled GPT on Tiny Shakespeare (or ``data``).
+
+    The protocol zero-initializes the readout of the μP rows (``zero_init_readout``; never for
+    an optimizer whose update follows ‖W‖, such as LAMB): the logit change is then ΔW·h/m,
+    driven by the updates alone, which is what the rules are about. Every slope in
+    docs/measurements.md is measured this way. ``False`` checks the training default (σ_b
+    head), where the initial head's W₀·Δh/m term also shrinks as 1/sqrt(m) under μP.
 
     ``axis="width"``: ``sizes`` are widths at fixed ``depth``, base width = smallest width.
     ``axis="depth"``: ``sizes`` are depths at fixed ``width``, base depth = smallest depth.
@@ -267,6 +275,7 @@ def gpt_coord_check(
     gen = torch.Generator().manual_seed(1234)
     batches = [dataset.get_batch("train", batch_size, block_size, gen) for _ in range(steps)]
     base = min(sizes)
+    zero_readout = zero_init_readout and not rules.family_of(optimizer).follows_weight
     params: dict[str, Parametrization] = {}
     for kind in kinds:
         for alpha in depth_alphas if kind == "mup" else (0.0,):
@@ -276,7 +285,8 @@ def gpt_coord_check(
                 depth_alpha=alpha,
                 base_width=base if axis == "width" else width,
                 base_depth=base if axis == "depth" else depth,
-            ).for_optimizer(optimizer)
+                zero_init_readout=zero_readout and kind == "mup",
+            )
 
     def build(size: int, p: Parametrization) -> nn.Module:
         w, d = (size, depth) if axis == "width" else (width, size)

@@ -52,7 +52,7 @@ def lr_factor(cfg: RunConfig) -> Callable[[int], float]:
 
 
 def build_model(cfg: RunConfig, vocab_size: int) -> GPT:
-    return GPT(gpt_config(cfg.model, vocab_size), cfg.param.for_optimizer(cfg.optim.name))
+    return GPT(gpt_config(cfg.model, vocab_size), cfg.param)
 
 
 def build_run_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

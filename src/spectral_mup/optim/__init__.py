@@ -98,7 +98,7 @@ REGISTRY: dict[str, OptimizerSpec] = {
             "block_size": None,
         },
         "eps",
-        family_override=lambda o: rules.preconditioned_family(block_size=o["block_size"]),
+        family_override=lambda o: rules.soap_family(o["block_size"]),
     ),
     "sophia": OptimizerSpec(
         SophiaG, {"betas": (0.965, 0.99), "rho": 0.04, "bs": 5120, "hessian_interval": 10}
@@ -195,8 +195,7 @@ def build_optimizer(
         if frozen:
             warnings.warn(
                 f"{name}: the update is proportional to ‖W‖, so zero-initialized {frozen} "
-                "cannot grow; build the model with p.for_optimizer(name) or "
-                "zero_init_readout=False",
+                "cannot grow; build the model with zero_init_readout=False (the default)",
                 stacklevel=2,
             )
     try:
