@@ -39,17 +39,31 @@ def newton_schulz(
 ) -> torch.Tensor:
     """Approximate U·Vᵀ of each matrix in ``g`` (shape (..., rows, cols)), returned in the
     iteration's dtype; singular values land in about [0.68, 1.14]. Scale-invariant: the
-    input is divided by its Frobenius norm."""
-    a, b, c = coefficients
+    input is divided by its Frobenius norm. On accelerators the matrices run as one batch
+    (one kernel per product); on CPU one at a time, since 2-D products are faster there
+    than batched ones (bf16 ``bmm`` is up to 1.4× slower than a loop of ``addmm``)."""
     x = g.reshape(-1, *g.shape[-2:]).to(dtype or g.dtype)
+    if x.device.type == "cpu":
+        out = torch.stack([_iterate(m, steps, coefficients, eps) for m in x])
+    else:
+        out = _iterate(x, steps, coefficients, eps)
+    return out.reshape(g.shape)
+
+
+def _iterate(
+    x: torch.Tensor, steps: int, coefficients: tuple[float, float, float], eps: float
+) -> torch.Tensor:
+    """The quintic iteration on one matrix (2-D) or a batch (3-D), on the wide orientation."""
+    a, b, c = coefficients
+    addmm = torch.addmm if x.dim() == 2 else torch.baddbmm
     wide = x.size(-2) <= x.size(-1)
     if not wide:
         x = x.mT
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp_(min=eps)
     for _ in range(steps):
         gram = x @ x.mT
-        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return (x if wide else x.mT).reshape(g.shape)
+        x = addmm(x, addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x if wide else x.mT
 
 
 class Muon(Optimizer):
