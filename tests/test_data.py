@@ -33,7 +33,7 @@ def _shared_data_dir() -> Path:
 def ts_file() -> Path:
     path = _shared_data_dir() / "tinyshakespeare" / "input.txt"
     if not path.is_file():
-        pytest.skip(f"Tiny Shakespeare not available at {path}")
+        pytest.fail(f"Tiny Shakespeare not at {path}: set SMUP_DATA_DIR (the Makefile does)")
     return path
 
 
