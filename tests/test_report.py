@@ -334,7 +334,7 @@ def test_cli_empty_store(capsys, tmp_path) -> None:
     RunStore(tmp_path / "runs.db").close()
     msg = fail(capsys, ["report", str(tmp_path / "runs.db")], tmp_path / "out")
     assert "has no runs" in msg and "smup sweep" in msg
-    assert not (tmp_path / "report").exists()
+    assert not (tmp_path / "runs_report").exists()
 
 
 def test_cli_only_failed_runs(capsys, tmp_path) -> None:
@@ -366,7 +366,7 @@ def test_cli_store_round_trip(capsys, tmp_path) -> None:
     head = "optimizer axis α wd drift SP drift μP fit drift SP fit drift μP"
     assert lines[0].split() == (head + " wider better SP wider better μP").split()
     assert " ".join(lines[1].split()) == "adamw width (depth 2) 1 0 3 0 3.00 0.00 no yes"
-    out = store_path.parent / "report"
+    out = store_path.parent / "runs_report"
     assert lines[2:] == [
         f"wrote {out / name}"
         for name in ("report.md", "tables.csv", "summary.json", "lr_adamw_width.png")

@@ -149,7 +149,11 @@ def _parser() -> argparse.ArgumentParser:
         help="tables (val loss per LR × width/depth), loss-vs-LR plots and optimum drift",
     )
     report.add_argument("store", help="the sweep's run store (SQLite file)")
-    report.add_argument("--out", default=None, help="output directory (default: STORE_DIR/report)")
+    report.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default: STORE_STEM_report/ beside the store)",
+    )
     report.add_argument("--sweep", default=None, help="report only this sweep of the store")
     return parser
 

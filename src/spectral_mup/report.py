@@ -799,8 +799,9 @@ def write_report(report: Report, out: str | Path, title: str = "runs") -> list[P
 def report_store(
     store: str | Path, out: str | Path | None = None, sweep: str | None = None
 ) -> tuple[Report, list[Path]]:
-    """``smup report``: read the store, build the report, write it (default: a ``report/``
-    directory next to the store). Nothing is written when the store cannot be reported."""
+    """``smup report``: read the store, build the report, write it (default: ``STEM_report/``
+    next to the store, e.g. ``runs/sweeps/demo_report/`` for ``runs/sweeps/demo.sqlite``).
+    Nothing is written when the store cannot be reported."""
     from .store import RunStore
 
     store = Path(store)
@@ -813,5 +814,5 @@ def report_store(
         have = ", ".join(sweeps) or "none"
         raise ReportError(f"{store} has no runs of sweep {sweep!r}; sweeps in it: {have}")
     report = build_report(rows, str(store) + (f" (sweep {sweep})" if sweep else ""))
-    out = Path(out) if out is not None else store.parent / "report"
+    out = Path(out) if out is not None else store.parent / f"{store.stem}_report"
     return report, write_report(report, out, str(store))
