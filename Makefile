@@ -18,9 +18,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+# The main job: an AdamW width-transfer sweep, SP vs μP (128 short runs, resumable), then its
+# report (tables, loss-vs-LR plot, optimum drift) in runs/sweeps/demo_report/.
 demo: $(VENV)/.installed
-	$(SMUP) coord-check --optimizer adamw --widths 64,128,256,512 --depths 2,4,8,16 --steps 5 --seeds 3 --out runs/demo/coord
-	$(SMUP) train configs/demo.toml
+	$(SMUP) sweep configs/sweeps/demo.toml
+	$(SMUP) report runs/sweeps/demo.sqlite
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks
