@@ -31,6 +31,13 @@ class Region:
         )
 
 
+def block_size_or_none(block_size: int | None) -> int | None:
+    """A validated block size: None (or 0) means no blocking."""
+    if block_size is not None and block_size < 0:
+        raise ValueError(f"block_size must be >= 1 (0 or None: no blocking), got {block_size}")
+    return block_size or None
+
+
 def regions(rows: int, cols: int, size: int | None) -> list[Region]:
     """The shape classes of ``size``-blocking (one region when ``size`` is None)."""
     if size is None:

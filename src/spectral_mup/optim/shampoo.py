@@ -24,7 +24,7 @@ import math
 import torch
 
 from .base import ParamwiseOptimizer, check_hparams
-from .blocks import as_matrix, gather, gram_update_, regions, scatter
+from .blocks import as_matrix, block_size_or_none, gather, gram_update_, regions, scatter
 
 GRAFTINGS = ("none", "sgd", "adagrad", "adam")
 
@@ -74,9 +74,7 @@ class Shampoo(ParamwiseOptimizer):
             raise ValueError(f"grafting must be one of {GRAFTINGS}, got {grafting!r}")
         if precondition_frequency < 1 or start_preconditioning_step < 1:
             raise ValueError("precondition_frequency and start_preconditioning_step must be >= 1")
-        if block_size is not None and block_size < 0:
-            raise ValueError(f"block_size must be >= 1 (0 or None: no blocking), got {block_size}")
-        block_size = block_size or None
+        block_size = block_size_or_none(block_size)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),

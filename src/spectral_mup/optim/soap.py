@@ -24,7 +24,7 @@ import math
 import torch
 
 from .base import ParamwiseOptimizer, check_hparams
-from .blocks import Region, gather, gram_update_, regions, scatter
+from .blocks import Region, block_size_or_none, gather, gram_update_, regions, scatter
 
 SIDES = ("L", "R")
 
@@ -73,9 +73,7 @@ class SOAP(ParamwiseOptimizer):
             raise ValueError(f"invalid shampoo_beta {shampoo_beta}: must be in [0, 1)")
         if precondition_frequency < 1:
             raise ValueError(f"precondition_frequency must be >= 1, got {precondition_frequency}")
-        if block_size is not None and block_size < 0:
-            raise ValueError(f"block_size must be >= 1 (0 or None: no blocking), got {block_size}")
-        block_size = block_size or None
+        block_size = block_size_or_none(block_size)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
