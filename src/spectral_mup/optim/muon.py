@@ -43,9 +43,7 @@ def newton_schulz(
     (one kernel per product); on CPU one at a time, since 2-D products are faster there
     than batched ones (bf16 ``bmm`` is up to 1.4× slower than a loop of ``addmm``)."""
     x = g.reshape(-1, *g.shape[-2:]).to(dtype or g.dtype)
-    if x.device.type == "cpu" and x.size(0) == 1:
-        out = _iterate(x[0], steps, coefficients, eps).unsqueeze(0)
-    elif x.device.type == "cpu":
+    if x.device.type == "cpu":
         out = torch.stack([_iterate(m, steps, coefficients, eps) for m in x])
     else:
         out = _iterate(x, steps, coefficients, eps)
@@ -156,9 +154,7 @@ class Muon(Optimizer):
         return loss
 
     def _orthogonalize(self, pending):
-        """NS5 on every block, batched over blocks of the same shape, dtype and settings on
-        accelerators; on CPU each parameter alone (its sub-blocks together), since NS runs
-        one matrix at a time there and concatenating would only copy."""
+        """NS5 on every block, batched over blocks of the same shape, dtype and settings."""
         batches = defaultdict(list)
         for i, (group, p, blocks) in enumerate(pending):
             dtype = self.ns_dtype or (torch.float32 if p.device.type == "cpu" else torch.bfloat16)
@@ -170,13 +166,11 @@ class Muon(Optimizer):
                 group["ns_steps"],
                 group["ns_coefficients"],
                 group["ns_eps"],
-                i if p.device.type == "cpu" else -1,
             )
             batches[key].append(i)
         results = [None] * len(pending)
-        for (_, _, _, dtype, steps, coeffs, eps, _), members in batches.items():
-            parts = [pending[i][2].to(dtype) for i in members]
-            stacked = parts[0] if len(parts) == 1 else torch.cat(parts)
+        for (_, _, _, dtype, steps, coeffs, eps), members in batches.items():
+            stacked = torch.cat([pending[i][2].to(dtype) for i in members])
             ortho = newton_schulz(stacked, steps, coeffs, eps, dtype)
             offset = 0
             for i in members:
