@@ -179,7 +179,7 @@ def test_lamb_with_the_seed_papers_constant_lr_is_not_flat(monkeypatch):
     from spectral_mup import rules
 
     paper = dataclasses.replace(
-        rules.FAMILIES["trust_ratio"], norm=lambda fi, fo, c: math.sqrt(fo / fi)
+        rules.FAMILIES["trust_ratio"], norm=lambda fi, fo, c, r: math.sqrt(fo / fi)
     )
     monkeypatch.setitem(rules.FAMILIES, "trust_ratio", paper)
     report = gpt_coord_check(sizes=WIDTHS, optimizer="lamb", lr=DEFAULT_COORD_LR, seeds=(0, 1, 2))

@@ -12,12 +12,12 @@ ADAM = rules.family_of("adamw")
 SGD = rules.family_of("sgd")
 
 
-def scales(family, role, alpha=1.0, in_block=False, readout="multiplier"):
-    """A layer of a vocab-65 model at width 64·M (base width 64)."""
+def scales(family, role, alpha=1.0, in_block=False, readout="multiplier", vocab=65):
+    """A layer of a vocab-``vocab`` model at width 64·M (base width 64)."""
     m_in = {"input": 1.0, "hidden": M, "output": M, "vector": 1.0}[role]
     m_out = {"input": M, "hidden": M, "output": 1.0, "vector": M}[role]
-    fan_in = {"input": 65, "hidden": 64 * M, "output": 64 * M, "vector": 1}[role]
-    fan_out = {"input": 64 * M, "hidden": 64 * M, "output": 65, "vector": 64 * M}[role]
+    fan_in = {"input": vocab, "hidden": 64 * M, "output": 64 * M, "vector": 1}[role]
+    fan_out = {"input": 64 * M, "hidden": 64 * M, "output": vocab, "vector": 64 * M}[role]
     return rules.param_scales(
         family, role, fan_in, fan_out, m_in, m_out, ML, in_block, alpha, readout
     )
@@ -50,23 +50,40 @@ def test_sgd_width_row(role, lr, wd):
     assert s.eps == 1.0  # SGD has no eps
 
 
+@pytest.mark.parametrize("vocab", [65, 50257])
 @pytest.mark.parametrize(
     ("role", "lr", "eps"),
-    # lr ∝ 1/sqrt(min(fan_in, fan_out)): the base width 64 is just below the vocabulary (65),
-    # so input and readout move by sqrt(64/65) between the base and width 512
-    [
-        ("input", (64 / 65) ** 0.5, 1 / M),
-        ("hidden", M**-0.5, 1 / M),
-        ("output", (64 / 65) ** 0.5, 1 / M),
-        ("vector", 1.0, 1.0),
-    ],
+    # RULES.md §3's LAMB row (η everywhere) with the project's measured hidden η/sqrt(m)
+    [("input", 1.0, 1 / M), ("hidden", M**-0.5, 1 / M), ("output", 1.0, 1 / M), ("vector", 1, 1)],
 )
-def test_lamb_width_row(role, lr, eps):
-    """Measured rule (docs/RULES.md §3): hidden η/sqrt(m); λ stays inside the trust ratio."""
-    s = scales(rules.family_of("lamb"), role)
+def test_lamb_width_row(role, lr, eps, vocab):
+    """Measured rule (docs/RULES.md §3): hidden η/sqrt(m); λ stays inside the trust ratio.
+    Input and readout keep η whether the vocabulary is below the width (65 at widths 64→512,
+    the base width just under it) or far above it (GPT-2's 50257)."""
+    s = scales(rules.family_of("lamb"), role, vocab=vocab)
     assert s.lr == pytest.approx(lr)
     assert s.weight_decay == 1.0
     assert s.eps == pytest.approx(eps)
+
+
+@pytest.mark.parametrize("vocab", [65, 50257])
+@pytest.mark.parametrize("optimizer", sorted(rules.OPTIMIZER_FAMILY))
+def test_embedding_and_readout_rules_do_not_depend_on_the_vocabulary_size(optimizer, vocab):
+    """RULES.md §3 "Vocabulary larger than width": a rule follows which fans grow. The input
+    and output rows of every optimizer, and of every Shampoo/SOAP option family, are the
+    same at vocab 65 and 50257, at widths 64→512 (the issue's LAMB 0.5 and grafted 2.0 at
+    vocab 50257, m = 4, were wrong)."""
+    families = [rules.family_of(optimizer, "input")]
+    if optimizer in ("shampoo", "soap"):
+        families += [rules.grafted_family(), rules.grafted_family(128)]
+        families += [rules.kronecker_family(block_size=128), rules.preconditioned_family("sgd")]
+    for family in families:
+        for role in ("input", "output"):
+            small = scales(family, role, vocab=65)
+            large = scales(family, role, vocab=vocab)
+            assert (large.lr, large.weight_decay, large.eps) == pytest.approx(
+                (small.lr, small.weight_decay, small.eps)
+            ), (family.name, role)
 
 
 @pytest.mark.parametrize("optimizer", ["adopt", "sophia", "lion"])
@@ -118,7 +135,7 @@ def test_every_rule_is_one_at_the_base():
 def test_update_norm_families():
     """The hidden-LR column of RULES.md §2 (absolute: lr ∝ target / N)."""
     n = 512.0
-    hidden = {name: math.sqrt(n / n) / f.norm(n, n, 1.0) for name, f in rules.FAMILIES.items()}
+    hidden = {name: rules.lr_scale(f, n, n, 1.0) for name, f in rules.FAMILIES.items()}
     assert hidden["entrywise"] == pytest.approx(1 / n)
     assert hidden["orthogonalized"] == pytest.approx(1.0)
     assert hidden["trust_ratio"] == pytest.approx(1 / math.sqrt(n))  # measured, see RULES.md
@@ -198,9 +215,11 @@ def test_grafted_family_divides_the_adam_norm_by_the_direction_rank():
     b32 = rules.grafted_family(32)
     for w in (128, 256, 512):
         assert _hidden_lr(b32, w) == pytest.approx(_hidden_lr(ADAM, w))
-    for role, (fi, fo, mi, mo) in {"input": (50, 512, 1, M), "output": (512, 50, M, 1)}.items():
-        ours = rules.param_scales(unblocked, role, fi, fo, mi, mo).lr
-        assert ours == pytest.approx(rules.param_scales(ADAM, role, fi, fo, mi, mo).lr)
+    for vocab in (50, 50257):  # embedding and readout: AdamW's rule, at any vocabulary size
+        for role in ("input", "output"):
+            ours = scales(unblocked, role, vocab=vocab).lr
+            assert ours == pytest.approx(scales(ADAM, role, vocab=vocab).lr), (vocab, role)
+            assert ours == pytest.approx(1.0)  # RULES.md §3: grafted → AdamW rules, η
 
 
 def test_soap_family_entrywise_unblocked_qiu_blocked():

@@ -101,9 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     cc.add_argument(
         "--zero-init-readout",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="zero-init the μP row's readout (the protocol; --no-zero-init-readout checks the "
-        "training default, a σ_b-initialized head)",
+        default=False,
+        help="zero-init the readout in every row (the zero-head protocol; default: the training "
+        "default, a σ_b-initialized head)",
     )
     cc.add_argument("--quiet", action="store_true")
 
@@ -241,6 +241,11 @@ def _coord_check(args: argparse.Namespace) -> int:
         zero_init_readout=args.zero_init_readout,
         progress=not args.quiet,
     )
+    for flag, sizes in (("--widths", widths), ("--depths", args.depths or [])):
+        if sizes and len(set(sizes)) < 2:
+            raise ConfigError(
+                f"{flag} needs at least two different sizes to fit a slope, e.g. 64,128"
+            )
     for w in [*widths, args.width]:
         if w % args.n_heads:
             raise ConfigError(f"width {w} is not divisible by --n-heads {args.n_heads}")

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import rules
+from .errors import ConfigError
 from .fileio import atomic_write, write_json
 from .optim import build_optimizer
 from .parametrize import Parametrization
@@ -155,6 +156,7 @@ def coord_check(
     axis: str = "width",
     taps: Callable[[nn.Module], Mapping[str, nn.Module]] = default_taps,
     optimizer_kwargs: Mapping[str, Any] | None = None,
+    hessian: Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor], None] | None = None,
     progress: bool = False,
 ) -> CoordReport:
     """Run a coordinate check.
@@ -169,7 +171,13 @@ def coord_check(
         steps: training steps; seeds: one model per seed.
         taps: ``taps(model)`` -> layer group name → module whose output is recorded; groups
             missing at some size are dropped.
+        hessian: ``hessian(model, opt, x)`` refreshes the curvature estimate of an optimizer
+            that keeps one (Sophia's ``hessian_interval``), every ``hessian_interval`` steps
+            as in training; required for such an optimizer, which would otherwise run as
+            sign-momentum.
     """
+    if len(set(sizes)) < 2:
+        raise ConfigError(f"a coordinate check needs at least two different sizes, got {sizes}")
     records: list[dict[str, Any]] = []
     group_sets: list[list[str]] = []
     runs = [(lab, size, seed) for lab in parametrizations for size in sizes for seed in seeds]
@@ -178,6 +186,12 @@ def coord_check(
         torch.manual_seed(seed)
         model = build(size, p)
         opt = build_optimizer(optimizer, model, p, lr, **dict(optimizer_kwargs or {}))
+        hessian_every = getattr(opt, "hessian_interval", 0)
+        if hessian_every and hessian is None:
+            raise ConfigError(
+                f"{optimizer} keeps a Hessian estimate: pass coord_check(hessian=...) (e.g. "
+                "spectral_mup.train.update_hessian for a language model)"
+            )
         tapped = dict(taps(model))
         group_sets.append(list(tapped))
         outputs: dict[str, torch.Tensor] = {}
@@ -190,6 +204,8 @@ def coord_check(
             opt.zero_grad(set_to_none=True)
             loss(model, x, y).backward()
             opt.step()
+            if hessian_every and step % hessian_every == 0:
+                hessian(model, opt, x)
             now = _measure(model, batches[0][0], outputs)
             for g, out in now.items():
                 records.append(_row(label, size, seed, step, g, _rms(out), _rms(out - start[g])))
@@ -252,16 +268,17 @@ def gpt_coord_check(
     block_size: int = 64,
     data: str | None = None,
     optimizer_kwargs: Mapping[str, Any] | None = None,
-    zero_init_readout: bool = True,
+    zero_init_readout: bool = False,
     progress: bool = False,
 ) -> CoordReport:
     """Coordinate check of the bundled GPT on Tiny Shakespeare (or ``data``).
 
-    The protocol zero-initializes the readout of the μP rows (``zero_init_readout``; never for
-    an optimizer whose update follows ‖W‖, such as LAMB): the logit change is then ΔW·h/m,
-    driven by the updates alone, which is what the rules are about. Every slope in
-    docs/measurements.md is measured this way. ``False`` checks the training default (σ_b
-    head), where the initial head's W₀·Δh/m term also shrinks as 1/sqrt(m) under μP.
+    Every row is built as training builds it (σ_b-initialized head), so SP and μP differ
+    only in the parametrization. ``zero_init_readout=True`` is the zero-head protocol, in
+    every row (never for an optimizer whose update follows ‖W‖, such as LAMB): the logit
+    change is then ΔW·h/m, driven by the updates alone. Sophia's Hessian estimate is
+    refreshed every ``hessian_interval`` steps, as in training (pass a small interval in
+    ``optimizer_kwargs`` to exercise it within a few steps).
 
     ``axis="width"``: ``sizes`` are widths at fixed ``depth``, base width = smallest width.
     ``axis="depth"``: ``sizes`` are depths at fixed ``width``, base depth = smallest depth.
@@ -269,7 +286,7 @@ def gpt_coord_check(
     """
     from .data import load_dataset
     from .models.gpt import GPT, GPTConfig
-    from .train import loss_fn
+    from .train import loss_fn, update_hessian
 
     dataset = load_dataset(data)
     gen = torch.Generator().manual_seed(1234)
@@ -285,7 +302,7 @@ def gpt_coord_check(
                 depth_alpha=alpha,
                 base_width=base if axis == "width" else width,
                 base_depth=base if axis == "depth" else depth,
-                zero_init_readout=zero_readout and kind == "mup",
+                zero_init_readout=zero_readout,
             )
 
     def build(size: int, p: Parametrization) -> nn.Module:
@@ -313,5 +330,6 @@ def gpt_coord_check(
         seeds=seeds,
         axis=axis,
         optimizer_kwargs=optimizer_kwargs,
+        hessian=update_hessian,
         progress=progress,
     )

@@ -41,8 +41,10 @@ class UpdateFamily:
     """An update-norm model: everything μP needs to know about an optimizer."""
 
     name: str
-    norm: Callable[[float, float, float], float]
-    """(fan_in, fan_out, c) -> spectral norm of the effective update per unit LR."""
+    norm: Callable[[float, float, float, Role], float]
+    """(fan_in, fan_out, c, role) -> spectral norm of the effective update per unit LR. The
+    role says which fans grow with width (``narrow_fan``); only a norm that needs the
+    smaller fan reads it."""
     grad_degree: float
     """k in update(s·g) = s^k · update(g): 0 for normalized updates, 1 for SGD."""
     eps_follows_grad: bool
@@ -55,13 +57,26 @@ class UpdateFamily:
     readout is not zero-initialized by default."""
 
 
-def _trust_ratio_norm(fi: float, fo: float, c: float) -> float:
+def narrow_fan(fi: float, fo: float, role: Role) -> float:
+    """The fan that is smaller *as width grows*: the fixed one of an input layer (fan_in =
+    vocabulary) or a readout (fan_out = vocabulary), whatever its size — a 50257-token
+    embedding at width 256 is still an input layer (RULES.md §3, "Vocabulary larger than
+    width") — and the numerically smaller one of a hidden matrix, whose fans both grow."""
+    if role == "input":
+        return fi
+    if role == "output":
+        return fo
+    return min(fi, fo)
+
+
+def _trust_ratio_norm(fi: float, fo: float, c: float, role: Role) -> float:
     """LAMB's ‖W‖_F/‖u‖_F · u is an entrywise direction (norm sqrt(fi·fo)) times RMS(W) of
-    a spectrally initialized raw weight, (1/sqrt(fi))·min(1, sqrt(fo/fi))/c; with the
-    forward multiplier c the effective update loses the c again. So lr ∝ 1/sqrt(min(fi, fo)):
-    hidden η/sqrt(m), input and readout η. The seed paper's ‖W‖_F ≈ ‖W‖_* (lr constant)
-    leaves hidden coordinate-check slopes of +0.16…+0.27 (docs/RULES.md)."""
-    return sqrt(fo) * min(1.0, sqrt(fo / fi))
+    a spectrally initialized raw weight, (1/sqrt(fi))·sqrt(narrow/fi)/c (narrow = fan_in
+    unless fan_out is the narrow fan, ``narrow_fan``); with the forward multiplier c the
+    effective update loses the c again. So lr ∝ 1/sqrt(narrow): hidden η/sqrt(m), input and
+    readout η at any vocabulary size. The seed paper's ‖W‖_F ≈ ‖W‖_* (lr constant) leaves
+    hidden coordinate-check slopes of +0.16…+0.27 (docs/RULES.md)."""
+    return sqrt(fo * narrow_fan(fi, fo, role) / fi)
 
 
 def _family(name, norm, k, eps, decay_in, follows_weight, source) -> UpdateFamily:
@@ -73,17 +88,17 @@ def _family(name, norm, k, eps, decay_in, follows_weight, source) -> UpdateFamil
 # inside the normalized direction; follows_W = update ∝ ‖W‖ (zero init cannot grow).
 # fmt: off
 FAMILIES: dict[str, UpdateFamily] = {f.name: f for f in (
-    #       name                   N(fan_in, fan_out, c)           k    eps    decay_in follows_W
-    _family("entrywise",           lambda fi, fo, c: c * sqrt(fi * fo), 0.0, True,  False, False,
+    #       name                   N(fan_in, fan_out, c, role)        k    eps    decay_in follows_W
+    _family("entrywise",           lambda fi, fo, c, r: c * sqrt(fi * fo), 0.0, True, False, False,
             "sign-like entries ~1, low stable rank: ‖Ψ‖* ≈ ‖Ψ‖_F (Gupta et al. 2026 §3.1)"),
-    _family("orthogonalized",      lambda fi, fo, c: c,              0.0, False, False, False,
+    _family("orthogonalized",      lambda fi, fo, c, r: c,           0.0, False, False, False,
             "U·Vᵀ has every singular value 1 (Qiu et al. 2025; Bernstein & Newhouse 2024)"),
     _family("trust_ratio",         _trust_ratio_norm,                 0.0, True,  True,  True,
             "‖W‖/‖u‖·u: a sign-like u scaled by RMS(W) (measured; docs/RULES.md §3, LAMB)"),
-    _family("spectral_normalized", lambda fi, fo, c: sqrt(fo / fi),  0.0, False, False, False,
+    _family("spectral_normalized", lambda fi, fo, c, r: sqrt(fo / fi), 0.0, False, False, False,
             "the update is rescaled to the target norm explicitly (Qiu et al. 2025)"),
-    _family("raw_gradient",        lambda fi, fo, c: c**2 * sqrt(fi / fo), 1.0, False, False, False,
-            "μP gradient of c·W has ‖∇‖* ~ sqrt(fi/fo), W's is c·∇ (Yang, Simon, Bernstein §3)"),
+    _family("raw_gradient",        lambda fi, fo, c, r: c**2 * sqrt(fi / fo), 1.0, False, False,
+            False, "μP gradient of c·W: ‖∇‖* ~ sqrt(fi/fo), W's is c·∇ (Yang, Simon, Bernstein)"),
 )}
 # fmt: on
 
@@ -138,7 +153,7 @@ def kronecker_family(
         return FAMILIES["orthogonalized"]
     k = 1.0 - 2.0 * s
 
-    def norm(fi: float, fo: float, c: float) -> float:
+    def norm(fi: float, fo: float, c: float, role: Role) -> float:
         if block_size is None:
             blocks = 1
         else:
@@ -166,8 +181,8 @@ def grafted_family(block_size: int | None = None) -> UpdateFamily:
     drift Qiu et al. saw); with fixed blocks (fans ≫ b) it is AdamW's 1/fan_in again;
     embedding and readout (one fan fixed) keep AdamW's rule."""
 
-    def norm(fi: float, fo: float, c: float) -> float:
-        rank = min(fi, fo, block_size or math.inf)
+    def norm(fi: float, fo: float, c: float, role: Role) -> float:
+        rank = min(narrow_fan(fi, fo, role), block_size or math.inf)
         return c * sqrt(fi * fo / rank)
 
     return UpdateFamily(
@@ -238,7 +253,9 @@ def family_of(
     if shape_factor is not None and family.name == "orthogonalized":
         factor = SHAPE_FACTORS[shape_factor]
         family = replace(
-            family, name=f"orthogonalized·{shape_factor}", norm=lambda fi, fo, c: c * factor(fi, fo)
+            family,
+            name=f"orthogonalized·{shape_factor}",
+            norm=lambda fi, fo, c, r: c * factor(fi, fo),
         )
     return family
 
@@ -287,18 +304,26 @@ def init_std_multiplier(role: Role, m_in: float, readout: Readout = "multiplier"
 # ------------------------------------------------------------------------------ optimizer
 
 
-def lr_scale(family: UpdateFamily, fan_in: float, fan_out: float, c: float) -> float:
+def lr_scale(
+    family: UpdateFamily, fan_in: float, fan_out: float, c: float, role: Role = "hidden"
+) -> float:
     """The spectral condition's LR: sqrt(fan_out/fan_in) / N(fan_in, fan_out, c) (§2)."""
-    return math.sqrt(fan_out / fan_in) / family.norm(fan_in, fan_out, c)
+    return math.sqrt(fan_out / fan_in) / family.norm(fan_in, fan_out, c, role)
 
 
 def width_lr_multiplier(
-    family: UpdateFamily, fan_in: float, fan_out: float, m_in: float, m_out: float, c: float
+    family: UpdateFamily,
+    fan_in: float,
+    fan_out: float,
+    m_in: float,
+    m_out: float,
+    c: float,
+    role: Role = "hidden",
 ) -> float:
     """``lr_scale`` of the layer relative to the same layer in the base model, whose fans are
     fan_in/m_in and fan_out/m_out and whose forward multiplier is 1."""
-    return lr_scale(family, fan_in, fan_out, c) / lr_scale(
-        family, fan_in / m_in, fan_out / m_out, 1.0
+    return lr_scale(family, fan_in, fan_out, c, role) / lr_scale(
+        family, fan_in / m_in, fan_out / m_out, 1.0, role
     )
 
 
@@ -389,7 +414,7 @@ def param_scales(
         eps = "entry" if family.eps_follows_grad else None
     c = forward_multiplier(role, m_in, readout)
     a = branch_multiplier(m_depth, alpha) if in_block else 1.0
-    lr = width_lr_multiplier(family, fan_in, fan_out, m_in, m_out, c)
+    lr = width_lr_multiplier(family, fan_in, fan_out, m_in, m_out, c, role)
     if in_block:
         lr *= depth_lr_multiplier(family, m_depth, alpha)
     return Scales(

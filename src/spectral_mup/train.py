@@ -96,19 +96,23 @@ def loss_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
 
 
 def update_hessian(
-    model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, cfg: RunConfig
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    grad_clip: float = 0.0,
+    autocast: contextlib.AbstractContextManager | None = None,
 ) -> None:
     """Gauss–Newton–Bartlett estimate (Sophia): sample labels from the model's own
     predictive distribution, backprop the loss on them, and let the optimizer fold the
     squared gradients into h. Uses the global RNG (saved in checkpoints)."""
-    with _autocast(cfg):
+    with autocast or contextlib.nullcontext():
         logits = model(x).float()
     flat = logits.view(-1, logits.size(-1))
     sampled = torch.multinomial(torch.softmax(flat.detach(), dim=-1), 1).view(-1)
     opt.zero_grad(set_to_none=True)
     F.cross_entropy(flat, sampled).backward()
-    if cfg.train.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     opt.update_hessian()
     opt.zero_grad(set_to_none=True)
 
@@ -242,7 +246,7 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] | None = print) -> dict[st
         hist["lr"].append(sched.get_last_lr()[0])
         opt.step()
         if hessian_every and state["iter"] % hessian_every == hessian_every - 1:
-            update_hessian(fwd, opt, x, cfg)
+            update_hessian(fwd, opt, x, t.grad_clip, _autocast(cfg))
         sched.step()
         state["iter"] += 1
         hist["train_loss"].append(loss_value)

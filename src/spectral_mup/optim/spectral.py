@@ -36,6 +36,13 @@ class SpectralNormalized(Optimizer):
         super().__init__(base.param_groups, base.defaults)
         self.param_groups, self.state = base.param_groups, base.state
 
+    def __getattr__(self, name: str):
+        """Everything else is the base optimizer's: Sophia's ``update_hessian``,
+        ``hessian_interval`` and ``last_win_rate`` reach the training loop through the wrapper."""
+        if name == "base" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         self.base.param_groups, self.base.state = self.param_groups, self.state

@@ -1,0 +1,155 @@
+"""Spread of the coordinate-check slopes that tests/test_coord.py bounds.
+
+A bound on a measured slope must hold on another CPU, with 1 or 2 threads, alone or inside
+the whole suite. Float rounding differs between CPUs and thread counts; a different seed set
+perturbs the run far more than rounding does, so the spread over seed sets (each as large as
+the test's) and thread counts is the margin a bound must clear. For every check of
+test_coord.py this prints, per row and layer group, the slope of the test's own seed set and
+the min…max over all (seed set, threads) runs. Results are cached (one JSON line per run) in
+``--out``, so an interrupted run resumes.
+
+    SMUP_DATA_DIR=../shared/data python benchmarks/coord_spread.py                 # all
+    SMUP_DATA_DIR=../shared/data python benchmarks/coord_spread.py --only adamw,lamb
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from spectral_mup import rules
+from spectral_mup.coord import gpt_coord_check
+
+W = (64, 128, 256, 512)
+LR = 3e-3
+SEED_SETS = ((0, 1, 2), (3, 4, 5), (6, 7, 8))
+
+
+def _width(optimizer, lr=LR, sizes=W, kinds=("sp", "mup"), **kw):
+    return dict(sizes=sizes, optimizer=optimizer, lr=lr, kinds=kinds, **kw)
+
+
+# name → gpt_coord_check arguments (seeds added per run); "patch" names a rule swap (the
+# negative controls of test_coord.py)
+CHECKS = {
+    "adamw": _width("adamw"),
+    "adamw-zero-head": _width("adamw", zero_init_readout=True),
+    "sgd": _width("sgd", lr=0.1),
+    "depth": dict(
+        axis="depth",
+        sizes=(2, 4, 8, 16),
+        kinds=("mup",),
+        depth_alphas=(1.0, 0.0),
+        optimizer="adamw",
+        lr=LR,
+        width=64,
+    ),
+    "adopt": _width("adopt"),
+    "sophia": _width("sophia", optimizer_kwargs={"hessian_interval": 1}),
+    "lion": _width("lion"),
+    "lamb": _width("lamb"),
+    "lamb-paper-rule": _width("lamb", kinds=("mup",), patch="lamb_paper"),
+    "muon": _width("muon", lr=0.02, optimizer_kwargs={"adam_lr": LR}),
+    "spectral-adamw": _width("adamw", optimizer_kwargs={"spectral_normalize": True}),
+    "shampoo": _width("shampoo", sizes=W[:3]),
+    "shampoo-adam": _width("shampoo", sizes=W[:3], optimizer_kwargs={"grafting": "adam"}),
+    "shampoo-adam-adamw-rule": _width(
+        "shampoo",
+        sizes=W[:3],
+        kinds=("mup",),
+        optimizer_kwargs={"grafting": "adam"},
+        patch="grafted_as_adamw",
+    ),
+    "soap": _width("soap", kinds=("mup",), optimizer_kwargs={"block_size": 0}),
+    "soap-orthogonalized-rule": _width(
+        "soap", kinds=("mup",), optimizer_kwargs={"block_size": 0}, patch="soap_orthogonalized"
+    ),
+    "soap-b128": _width("soap", optimizer_kwargs={"block_size": 128}),
+    "shampoo-b128": _width("shampoo", optimizer_kwargs={"block_size": 128}),
+    "shampoo-b128-adam": _width(
+        "shampoo", optimizer_kwargs={"block_size": 128, "grafting": "adam"}
+    ),
+}
+
+
+def _patched(name: str | None):
+    """Swap one rule for a check's duration (returns an undo function)."""
+    import dataclasses
+    import math
+
+    if name is None:
+        return lambda: None
+    if name == "lamb_paper":
+        old = rules.FAMILIES["trust_ratio"]
+        rules.FAMILIES["trust_ratio"] = dataclasses.replace(
+            old, norm=lambda fi, fo, c, r: math.sqrt(fo / fi)
+        )
+        return lambda: rules.FAMILIES.__setitem__("trust_ratio", old)
+    attr, value = {
+        "grafted_as_adamw": ("grafted_family", lambda block_size: rules.FAMILIES["entrywise"]),
+        "soap_orthogonalized": ("soap_family", lambda b: rules.FAMILIES["orthogonalized"]),
+    }[name]
+    old = getattr(rules, attr)
+    setattr(rules, attr, value)
+    return lambda: setattr(rules, attr, old)
+
+
+def run_one(check: str, seeds: tuple[int, ...], threads: int) -> dict:
+    kwargs = dict(CHECKS[check])
+    undo = _patched(kwargs.pop("patch", None))
+    torch.set_num_threads(threads)
+    try:
+        report = gpt_coord_check(seeds=seeds, **kwargs)
+    finally:
+        undo()
+    return {"check": check, "seeds": list(seeds), "threads": threads, "slopes": report.slopes()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="", help="comma-separated check names")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--out", default="runs/coord_spread/runs.jsonl")
+    args = ap.parse_args()
+    names = [n for n in args.only.split(",") if n] or list(CHECKS)
+    threads = [int(t) for t in args.threads.split(",")]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = {}
+    if out.exists():
+        for line in out.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["check"], tuple(r["seeds"]), r["threads"])] = r
+    for name in names:
+        for seeds in SEED_SETS:
+            for t in threads:
+                if (name, seeds, t) not in done:
+                    r = run_one(name, seeds, t)
+                    done[(name, seeds, t)] = r
+                    with out.open("a") as f:
+                        f.write(json.dumps(r) + "\n")
+                    print(f"{name} seeds {seeds} threads {t} done", flush=True)
+    for name in names:
+        runs = [r for (n, _, _), r in done.items() if n == name]
+        test_run = next(
+            (r for r in runs if tuple(r["seeds"]) == SEED_SETS[0] and r["threads"] == 2), runs[0]
+        )
+        spread: dict[tuple[str, str], list[float]] = defaultdict(list)
+        for r in runs:
+            for label, slopes in r["slopes"].items():
+                for group, s in slopes.items():
+                    spread[label, group].append(s)
+        print(f"\n## {name} ({len(runs)} runs)\n")
+        print("| row | group | test seeds, 2 threads | min | max |")
+        print("|---|---|---|---|---|")
+        for (label, group), values in spread.items():
+            s0 = test_run["slopes"][label][group]
+            print(f"| {label} | {group} | {s0:+.3f} | {min(values):+.3f} | {max(values):+.3f} |")
+
+
+if __name__ == "__main__":
+    main()
