@@ -9,15 +9,18 @@ import pytest
 import torch
 
 
+def shared_data_dir() -> Path:
+    """$SMUP_DATA_DIR, or ../shared/data beside the checkout."""
+    env = os.environ.get("SMUP_DATA_DIR", "")
+    if env.strip():
+        return Path(env).expanduser()
+    return Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
 @pytest.fixture(autouse=True)
 def data_dir(monkeypatch: pytest.MonkeyPatch) -> Path:
     """Point SMUP_DATA_DIR at the shared data (holding tinyshakespeare/input.txt)."""
-    env = os.environ.get("SMUP_DATA_DIR", "")
-    path = (
-        Path(env).expanduser()
-        if env.strip()
-        else Path(__file__).resolve().parents[2] / "shared" / "data"
-    )
+    path = shared_data_dir()
     monkeypatch.setenv("SMUP_DATA_DIR", str(path))
     return path
 

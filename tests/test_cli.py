@@ -132,8 +132,17 @@ def test_train_width_not_divisible_by_heads(capsys, cfg_file, out_dir) -> None:
 
 
 def test_coord_check_width_not_divisible_by_heads(capsys, tmp_path) -> None:
-    msg = coord_fail(capsys, tmp_path, "--widths", "30", "--n-heads", "4")
+    msg = coord_fail(capsys, tmp_path, "--widths", "30,64", "--n-heads", "4")
     assert msg == "smup: error: width 30 is not divisible by --n-heads 4"
+
+
+@pytest.mark.parametrize("flag", ["--widths", "--depths"])
+def test_coord_check_needs_two_sizes(capsys, tmp_path, flag) -> None:
+    """One size cannot give a slope: a one-line error and exit 2, not NaN slopes."""
+    msg = coord_fail(capsys, tmp_path, flag, "64")
+    assert (
+        msg == f"smup: error: {flag} needs at least two different sizes to fit a slope, e.g. 64,128"
+    )
 
 
 @pytest.mark.parametrize(
@@ -219,6 +228,26 @@ def test_train_checkpoint_from_other_config(capsys, cfg_file, out_dir) -> None:
     assert "was written by a different config (differs in optim.lr)" in msg
     assert "--train.resume false" in msg
     assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_data_writes_a_whole_directory_and_keeps_other_files(capsys, tmp_path) -> None:
+    text = tmp_path / "t.txt"
+    text.write_text("to be or not to be\n" * 40, encoding="utf-8")
+    out = tmp_path / "tok"
+    for _ in range(2):  # a new directory, then the same one again: replaced as a whole
+        assert main(["data", str(text), "--out", str(out)]) == 0
+        assert capsys.readouterr().out.startswith(f"wrote {out}/train.bin (")
+        assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt", "tok"]  # nothing left over
+    (out / "input.txt").write_text("keep", encoding="utf-8")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    msg = fail(capsys, ["data", str(text), "--out", str(out)])
+    assert f"{out} holds 'input.txt', which prepare_bin did not write" in msg
+    assert msg.endswith("pass a new or empty output directory")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 # ----------------------------------------------------------------------------- config

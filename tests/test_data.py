@@ -457,13 +457,76 @@ def test_load_bin_errors(tmp_path: Path) -> None:
     _assert_one_line(err)
 
 
-def test_prepare_bin_rejects_large_vocab(tmp_path: Path) -> None:
-    ds = D.Dataset(train=np.arange(10), val=np.arange(10), vocab_size=65536)
+def test_prepare_bin_takes_every_uint16_token_id(tmp_path: Path) -> None:
+    """uint16 holds ids 0-65535, so a vocabulary of 65536 fits and 65537 does not."""
+    ds = D.Dataset(train=np.arange(10), val=np.arange(10), vocab_size=65537)
     with pytest.raises(DataError) as err:
         D.prepare_bin(ds, tmp_path / "out")
-    assert "65536" in _assert_one_line(err)
+    msg = _assert_one_line(err)
+    assert "vocab_size 65537" in msg and "at most 65536" in msg and "keep this dataset" in msg
     assert not (tmp_path / "out").exists()
-    ds_ok = D.Dataset(train=np.arange(10), val=np.arange(10), vocab_size=65535)
+    top = np.array([0, 1, 65535, 7, 65535, 3], dtype=np.int64)
+    ds_ok = D.Dataset(train=top, val=top[::-1].copy(), vocab_size=65536)
     out = D.prepare_bin(ds_ok, tmp_path / "out")
-    assert json.loads((out / "meta.json").read_text()) == {"vocab_size": 65535, "itos": None}
-    assert D.load_bin(out).train.tolist() == list(range(10))
+    assert json.loads((out / "meta.json").read_text()) == {"vocab_size": 65536, "itos": None}
+    loaded = D.load_bin(out)
+    assert loaded.vocab_size == 65536 and loaded.train.tolist() == top.tolist()
+    assert loaded.val.tolist() == top[::-1].tolist() and int(loaded.train.max()) == 65535
+
+
+def _bin_files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+def test_prepare_bin_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    old = D.Dataset(train=np.arange(40) % 5, val=np.arange(20) % 5, vocab_size=5)
+    new = D.Dataset(train=np.arange(60) % 7, val=np.arange(30) % 7, vocab_size=7)
+    root = tmp_path / "data"
+    out = root / "bin"
+    real_write = D._write_uint16
+    writes: list[int] = []
+
+    def fail_on_val(arr, f):  # the train split is written, then the disk "fills up"
+        writes.append(len(arr))
+        if len(writes) == 2:
+            raise OSError(28, "No space left on device")
+        real_write(arr, f)
+
+    monkeypatch.setattr(D, "_write_uint16", fail_on_val)
+    with pytest.raises(DataError) as err:
+        D.prepare_bin(new, out)
+    assert "No space left on device" in _assert_one_line(err)
+    assert sorted(p.name for p in root.iterdir()) == []  # no output, no temporary directory
+    monkeypatch.setattr(D, "_write_uint16", real_write)
+
+    D.prepare_bin(old, out)
+    before = _bin_files(out)
+    writes.clear()
+    monkeypatch.setattr(D, "_write_uint16", fail_on_val)
+    with pytest.raises(DataError):
+        D.prepare_bin(new, out)  # over an earlier output: the old files stay, all of them
+    assert _bin_files(out) == before and sorted(p.name for p in root.iterdir()) == ["bin"]
+    monkeypatch.setattr(D, "_write_uint16", real_write)
+
+    real_rename = os.rename
+
+    def fail_to_publish(src, dst):  # the old directory moved aside, then the new one fails
+        if str(src).endswith(".part"):
+            raise OSError(5, "Input/output error")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(D.os, "rename", fail_to_publish)
+    with pytest.raises(DataError):
+        D.prepare_bin(new, out)
+    monkeypatch.setattr(D.os, "rename", real_rename)
+    assert _bin_files(out) == before and sorted(p.name for p in root.iterdir()) == ["bin"]
+
+    assert D.prepare_bin(new, out) == out  # replaced as a whole
+    assert D.load_bin(out).vocab_size == 7 and D.load_bin(out).train.tolist() == new.train.tolist()
+    assert sorted(p.name for p in root.iterdir()) == ["bin"]
+
+    (out / "notes.txt").write_text("mine")  # a file prepare_bin did not write: not replaced
+    with pytest.raises(DataError) as err:
+        D.prepare_bin(old, out)
+    assert "'notes.txt'" in _assert_one_line(err) and "new or empty output directory" in str(err)
+    assert (out / "notes.txt").read_text() == "mine" and D.load_bin(out).vocab_size == 7

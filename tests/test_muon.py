@@ -280,7 +280,8 @@ def test_build_optimizer_routing_and_state_dict():
                 assert group["lr"] == pytest.approx(0.02 * rule, rel=1e-12), name
                 assert group["lr_mult"] == pytest.approx(1.0), name
                 assert group["shape_factor"] == "spectral"
-                assert group["split"] == (3 if name.endswith("attn.c_attn.weight") else 1), name
+                qkv = (cfg.width,) * 3  # row sizes of the fused q, k, v
+                assert group["split"] == (qkv if name.endswith("attn.c_attn.weight") else 1), name
             else:
                 assert group["aux"] is True, name
                 assert group["role"] != "hidden", name  # no hidden matrix on the AdamW part
@@ -289,7 +290,7 @@ def test_build_optimizer_routing_and_state_dict():
                 if name in ("wte.weight", "wpe.weight"):
                     assert group["lr"] == pytest.approx(3e-3, rel=1e-12), name
     assert sorted(seen) == sorted(shapes)
-    assert any(g["split"] == 3 for g in opt.param_groups)
+    assert any(g["split"] == (cfg.width,) * 3 for g in opt.param_groups)
 
     idx = torch.randint(0, cfg.vocab_size, (2, cfg.block_size), generator=torch.Generator())
     for _ in range(2):
@@ -322,6 +323,8 @@ def test_build_optimizer_routing_and_state_dict():
 def test_rejects_vector_in_muon_group():
     with pytest.raises(ValueError, match=r"aux=True"):
         Muon([torch.nn.Parameter(torch.zeros(8))])
-    with pytest.raises(ValueError, match=r"aux=True"):
+    with pytest.raises(ValueError, match=r"7 rows do not split into 3 equal blocks"):
         Muon([{"params": [torch.nn.Parameter(torch.zeros(7, 4))], "split": 3}])
+    with pytest.raises(ValueError, match=r"split sizes \(4, 2\) do not add up to 7 rows"):
+        Muon([{"params": [torch.nn.Parameter(torch.zeros(7, 4))], "split": (4, 2)}])
     Muon([{"params": [torch.nn.Parameter(torch.zeros(8))], "aux": True}])  # accepted

@@ -205,7 +205,9 @@ def test_errors():
             Parametrization(**kwargs)
     with pytest.raises(ConfigError, match=r"not divisible by model\.n_heads"):
         GPTConfig(width=30, n_heads=4)
-    with pytest.raises(ConfigError, match="tie_weights needs readout"):
+    with pytest.raises(ConfigError, match=r"tied to its readout: readout=.init."):
         GPT(GPTConfig(width=64, tie_weights=True), Parametrization(base_width=32, readout="init"))
-    with pytest.raises(ConfigError, match="base_width 30 is not divisible"):
+    with pytest.raises(
+        ConfigError, match=r"base model \(param.base_width 30\): model.width 30 is not divisible"
+    ):
         GPT(GPTConfig(width=64, n_heads=4), Parametrization(base_width=30))

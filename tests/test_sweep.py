@@ -290,6 +290,48 @@ def test_failing_run_is_stored_as_failed_and_the_sweep_goes_on(tmp_path):
     assert all(r["status"] == "ok" and r["iters"] == 20 and r["error"] is None for r in others)
 
 
+def test_rerun_retries_a_failed_run_once_its_cause_is_fixed(tmp_path, monkeypatch, capsys):
+    spec_path = write_spec(
+        tmp_path, "width = 16\ndepth = 1\nlr = [0.004, 0.008]", sweep="workers = 1"
+    )
+    monkeypatch.setattr(S, "available_cores", lambda: 1)  # one torch thread on a busy machine
+    spec = S.load_spec(spec_path)
+    broken, fine = spec.runs
+    corrupt = Path(broken.config.train.out_dir) / "checkpoint.pt"
+    corrupt.parent.mkdir(parents=True)
+    corrupt.write_bytes(b"not a checkpoint")  # the cause: train.run raises CheckpointError
+    first = S.run_sweep(spec, progress=False)
+    assert (first.counts, first.skipped, first.retried) == (
+        {"ok": 1, "diverged": 0, "failed": 1},
+        0,
+        0,
+    )
+    before = by_id(spec.store)
+    assert before[broken.id]["status"] == "failed"
+
+    assert main(["sweep", str(spec_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"retry   {broken.id}" in out and f"stored  {fine.id}" in out
+    assert "2 runs, 1 already stored, 1 to run (1 retried: stored as failed)" in out
+
+    corrupt.unlink()  # fix the cause and rerun: the failed run trains, its row is replaced
+    assert main(["sweep", str(spec_path)]) == 0
+    out = capsys.readouterr().out
+    assert "1 ok, 0 diverged, 0 failed, 1 skipped (already stored) of 2 runs" in out
+    assert "; 1 retried (stored as failed before)" in out
+    after = by_id(spec.store)
+    assert len(after) == 2 and after[fine.id] == before[fine.id]  # a result is never rerun
+    retried = after[broken.id]
+    assert (retried["status"], retried["error"], retried["iters"]) == ("ok", None, 20)
+    assert retried["best_val_loss"] is not None
+
+    again = S.run_sweep(S.load_spec(spec_path), progress=False)  # nothing left to retry
+    assert (again.ran, again.skipped, again.retried) == (0, 2, 0)
+    with RunStore(spec.store) as store:  # an ok row is a result: add never replaces it
+        assert not store.add({**retried, "status": "failed", "error": "E"})
+        assert store.statuses() == {broken.id: "ok", fine.id: "ok"}
+
+
 def test_rerun_skips_stored_runs_and_runs_only_new_ones(tmp_path, monkeypatch, capsys):
     grid = "width = [16, 32]\ndepth = 1\nlr = [0.004, 0.008]"
     spec_path = write_spec(tmp_path, grid, sweep="workers = 1")  # in-process

@@ -15,8 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from spectral_mup import sweep
 from spectral_mup import train as T
 from spectral_mup.config import RunConfig, load_config
+from spectral_mup.errors import CheckpointError
+from spectral_mup.fileio import write_json
 from spectral_mup.train import lr_factor, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -229,6 +232,47 @@ def test_loss_ceiling_diverges_at_iteration_zero(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [T.RESULT]
 
 
+def _strict_json(text: str):
+    """Parse JSON as the standard defines it: NaN and Infinity are not JSON."""
+
+    def reject(token: str):
+        raise ValueError(f"invalid JSON constant {token}")
+
+    return json.loads(text, parse_constant=reject)
+
+
+def test_nan_val_loss_diverges_and_result_json_stays_valid(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(T, "evaluate", lambda *args, **kwargs: math.nan)
+    cfg = tiny(tmp_path / "run", "--train.max_iters", "10", "--train.eval_interval", "2")
+    result = run(cfg, log=None)
+    assert (result["status"], result["diverged_at"], result["iters"]) == ("diverged", 2, 2)
+    assert result["best_val_loss"] is None and result["final_val_loss"] is None
+    on_disk = _strict_json((tmp_path / "run" / T.RESULT).read_text())
+    assert on_disk["history"]["val"] == [[2, None]]
+    assert on_disk["final_val_loss"] is None and on_disk["status"] == "diverged"
+
+
+def test_write_json_writes_non_finite_floats_as_null(tmp_path: Path) -> None:
+    obj = {
+        "a": math.nan,
+        "b": [1.5, -math.inf, (math.inf, {"c": math.nan})],
+        "d": torch.tensor(float("nan")),
+        "e": torch.tensor(2.0),
+        "f": Path("x"),
+        "g": True,
+    }
+    path = write_json(tmp_path / "out.json", obj)
+    assert _strict_json(path.read_text()) == {
+        "a": None,
+        "b": [1.5, None, [None, {"c": None}]],
+        "d": None,
+        "e": 2.0,
+        "f": "x",
+        "g": True,
+    }
+    assert obj["a"] != obj["a"] and obj["b"][1] == -math.inf  # the input is not changed
+
+
 # ----------------------------------------------------------------------------- early stop
 
 
@@ -377,6 +421,35 @@ def test_rerun_of_finished_run_does_not_train(tmp_path: Path) -> None:
     again = torch.load(tmp_path / "run" / T.WEIGHTS, weights_only=True)
     for name, tensor in weights.items():
         assert torch.equal(tensor, again[name]), name
+
+
+def test_resume_on_another_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.device is outside a sweep run's id, so a killed run may resume elsewhere."""
+    assert {("train", key) for key in T.RUNTIME_KEYS} == sweep.RUNTIME_KEYS
+    args = ("--train.max_iters", "8", "--train.eval_interval", "4")
+    whole = run(tiny(tmp_path / "whole", *args), log=None)
+    real_save = T.save_torch
+
+    def save_then_die(path, obj):
+        real_save(path, obj)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "save_torch", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny(tmp_path / "cut", *args, "--train.device", "cpu"), log=None)
+    monkeypatch.setattr(T, "save_torch", real_save)
+    ckpt_path = tmp_path / "cut" / T.CHECKPOINT
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert ckpt["state"]["iter"] == 4 and "device" not in ckpt["config"]["train"]
+    # a checkpoint written while the device was still in the fingerprint resumes too
+    ckpt["config"]["train"]["device"] = "cpu"
+    torch.save(ckpt, ckpt_path)
+    messages: list[str] = []
+    resumed = run(tiny(tmp_path / "cut", *args, "--train.device", "cpu:0"), log=messages.append)
+    assert messages[0] == f"resumed from {ckpt_path} at iteration 4"
+    assert resumed["history"] == whole["history"] and resumed["iters"] == 8
+    with pytest.raises(CheckpointError, match=r"differs in train\.seed\)"):
+        run(tiny(tmp_path / "cut", *args, "--train.seed", "1"), log=None)
 
 
 # ------------------------------------------------------------- every optimizer in the loop

@@ -4,7 +4,7 @@ width and depth, from the spectral condition for feature learning."""
 from .errors import ConfigError, DataError, SmupError
 from .optim import build_optimizer
 from .parametrize import Parametrization, init_weights, param_groups, parametrize
-from .roles import ParamRole, infer_roles
+from .roles import ParamRole, infer_roles, register_layout
 
 __version__ = "0.1.0"
 
@@ -20,4 +20,5 @@ __all__ = [
     "init_weights",
     "param_groups",
     "parametrize",
+    "register_layout",
 ]

@@ -111,7 +111,8 @@ def _parser() -> argparse.ArgumentParser:
         "sweep",
         help="a grid of training runs (LR × WD × width × depth × seed) into a SQLite store",
         description="Run every run of a sweep spec (see configs/sweeps/) not yet in its store; "
-        "rerunning skips finished runs and resumes killed ones from their checkpoints.",
+        "rerunning skips finished runs, retries failed ones and resumes killed ones from their "
+        "checkpoints.",
     )
     sw.add_argument("spec", help="sweep spec TOML (see configs/sweeps/)")
     sw.add_argument("--executor", choices=("local", "ray"), default=None, help="default: local")

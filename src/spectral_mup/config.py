@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .models.gpt import GPTConfig
+from .models.gpt import GPTConfig, base_config
 from .optim import get_spec
 from .parametrize import Parametrization
 
@@ -90,11 +90,7 @@ class RunConfig:
     data: DataSection = field(default_factory=DataSection)
 
     def __post_init__(self) -> None:
-        if self.param.is_mup and self.param.base_width % self.model.n_heads:
-            raise ConfigError(
-                f"param.base_width {self.param.base_width} is not divisible by model.n_heads "
-                f"{self.model.n_heads}; pick a base width that is a multiple of n_heads"
-            )
+        base_config(self.model, self.param)  # the base model must exist (heads divide it)
         get_spec(self.optim.name)  # unknown optimizer: fail before loading data
         t = self.train
         for name in ("batch_size", "max_iters", "eval_interval", "eval_iters"):

@@ -13,23 +13,28 @@ batches on every run.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import http.client
 import json
 import os
+import secrets
+import shutil
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .errors import DataError
+from .fileio import json_text
 
 __all__ = [
     "TINY_SHAKESPEARE_SHA256",
@@ -52,7 +57,8 @@ _TS_SUBPATH = Path("tinyshakespeare") / "input.txt"
 _SHAKESPEARE_NAMES = frozenset({"", "shakespeare", "tinyshakespeare", "tiny_shakespeare"})
 _DOWNLOAD_TIMEOUT_S = 30.0
 _CHUNK = 1 << 20
-_UINT16_MAX = 65535
+_UINT16_MAX = 65535  # the largest token id a .bin file holds: vocab_size <= 65536
+_BIN_FILES = ("train.bin", "val.bin", "meta.json")  # what prepare_bin writes
 
 
 def _one_line(obj: object) -> str:
@@ -482,15 +488,19 @@ def _write_uint16(arr: np.ndarray | np.memmap, f) -> None:
 
 
 def prepare_bin(dataset: Dataset, out_dir: str | Path) -> Path:
-    """Write ``train.bin``, ``val.bin`` (uint16) and ``meta.json`` to ``out_dir`` atomically.
+    """Write ``train.bin``, ``val.bin`` (uint16) and ``meta.json`` to ``out_dir``, all or nothing.
 
-    Each file is written to a temporary file in ``out_dir`` and moved into place only once
-    all three are complete. Returns ``out_dir``.
+    The three files are written (and fsynced) into a temporary sibling directory, which then
+    takes the place of ``out_dir`` by rename (:func:`_publish`): a reader sees the old
+    directory or the new one, never a mix, and an error leaves ``out_dir`` as it was and no
+    temporary directory behind. ``out_dir`` is replaced as a whole, so it must be new, empty
+    or an earlier ``prepare_bin`` output. Returns ``out_dir``.
     """
-    if dataset.vocab_size > _UINT16_MAX:
+    if dataset.vocab_size > _UINT16_MAX + 1:
         raise DataError(
-            f"vocab_size {dataset.vocab_size} does not fit uint16 .bin files (at most "
-            f"{_UINT16_MAX}); keep this dataset in memory instead of calling prepare_bin"
+            f"vocab_size {dataset.vocab_size} does not fit uint16 .bin files (token ids at most "
+            f"{_UINT16_MAX}, so vocab_size at most {_UINT16_MAX + 1}); keep this dataset in "
+            f"memory instead of calling prepare_bin"
         )
     out = Path(out_dir).expanduser()
     for name, arr in (("train", dataset.train), ("val", dataset.val)):
@@ -499,29 +509,63 @@ def prepare_bin(dataset: Dataset, out_dir: str | Path) -> Path:
                 f"the {name} split of {dataset.source or 'the dataset'} holds token ids "
                 f"outside [0, {dataset.vocab_size}); fix the dataset's vocab_size"
             )
+    target = out.resolve()  # "." or a symlink: replace the directory it names
+    if target.exists() and not target.is_dir():
+        raise DataError(f"{out} is a file; pass a directory for the token data")
+    if target.is_dir():
+        other = sorted(p.name for p in target.iterdir() if p.name not in _BIN_FILES)
+        if other:
+            raise DataError(
+                f"{out} holds {other[0]!r}, which prepare_bin did not write, and the directory "
+                f"is replaced as a whole; pass a new or empty output directory"
+            )
     meta = {"vocab_size": int(dataset.vocab_size), "itos": dataset.itos}
-    tmps: dict[str, Path] = {}
+    stage: Path | None = None
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        stage = target.parent / f".{target.name}.{secrets.token_hex(6)}.part"
+        stage.mkdir()
+        if target.is_dir():
+            shutil.copymode(target, stage)
         for name, arr in (("train.bin", dataset.train), ("val.bin", dataset.val)):
-            fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".part")
-            tmps[name] = Path(tmp)
-            with os.fdopen(fd, "wb") as f:
-                _write_uint16(arr, f)
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=".meta.json.", suffix=".part")
-        tmps["meta.json"] = Path(tmp)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(meta, f, ensure_ascii=False)
-        for name, tmp_path in tmps.items():
-            os.replace(tmp_path, out / name)
+            _write_synced(stage / name, lambda f, arr=arr: _write_uint16(arr, f))
+        text = (json_text(meta) + "\n").encode("utf-8")
+        _write_synced(stage / "meta.json", lambda f: f.write(text))
+        _publish(stage, target)
     except OSError as e:
-        for tmp_path in tmps.values():
-            tmp_path.unlink(missing_ok=True)
         raise DataError(
             f"cannot write token data to {out} ({_one_line(e)}); choose a writable directory"
         ) from e
-    except BaseException:
-        for tmp_path in tmps.values():
-            tmp_path.unlink(missing_ok=True)
-        raise
+    finally:
+        if stage is not None:  # gone once published; on an error, the partial files
+            shutil.rmtree(stage, ignore_errors=True)
     return out
+
+
+def _write_synced(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Create ``path`` (it must not exist), fill it through ``write(fileobj)`` and fsync."""
+    with open(path, "xb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """Put the complete directory ``stage`` in place of ``out``: one rename when ``out`` is
+    absent or empty; otherwise ``out`` is renamed aside first (a reader sees the old
+    directory, briefly none, then the new one), put back if the second rename fails, and
+    deleted once the new directory is in place."""
+    try:
+        os.replace(stage, out)  # rename(2): onto an absent or an empty directory
+        return
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not out.is_dir():
+            raise
+    old = out.parent / f".{out.name}.{secrets.token_hex(6)}.old"
+    os.rename(out, old)
+    try:
+        os.rename(stage, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -92,10 +92,14 @@ class Parametrization:
     def branch_multiplier(self, depth: int) -> float:
         return rules.branch_multiplier(self.depth_mult(depth), self.depth_alpha)
 
-    def attention_scale(self, d_head: int, n_heads: int) -> float:
+    def attention_scale(self, d_head: int, d_head_base: int) -> float:
+        """Attention-logit scale for heads of size ``d_head`` whose size in the base model is
+        ``d_head_base`` — ``base_width // n_heads`` when the head count is fixed, ``d_head``
+        itself when heads are added at a fixed size (GPT-2, Llama), which leaves SP's
+        1/sqrt(d_head) (RULES.md §3)."""
         if not self.is_mup:
             return rules.attention_scale(d_head, d_head, "sp")
-        return rules.attention_scale(d_head, self.base_width // n_heads, self.attention)
+        return rules.attention_scale(d_head, d_head_base, self.attention)
 
     def scales(
         self,
@@ -189,33 +193,79 @@ def parametrize(
     delta: nn.Module | None = None,
     *,
     overrides: dict[str, rules.Role] | None = None,
+    layouts: dict[str, str] | None = None,
     init: bool = True,
 ) -> dict[str, ParamRole]:
     """Make any ``nn.Module`` μP-ready (the hook for third-party models).
 
     Infers roles against ``base`` (and ``delta``), stores them as ``model.smup_roles``,
-    scales the input of every readout ``nn.Linear`` by the readout multiplier with a forward
-    pre-hook, and (``init=True``) re-initializes the weights. Attention scaling and residual
-    branch multipliers are forward-pass changes the model must make itself: use
-    ``p.attention_scale(d_head, n_heads)`` and ``p.branch_multiplier(depth)``.
+    scales the input of every readout layer (a tied head included) by the readout multiplier
+    with a forward pre-hook, and (``init=True``) re-initializes the weights. Attention
+    scaling and residual branch multipliers are forward-pass changes the model must make
+    itself: use ``p.attention_scale(d_head, d_head_base)`` and ``p.branch_multiplier(depth)``.
+    ``layouts`` names how custom layers store their weights (``roles.infer_roles``).
     """
-    roles = infer_roles(model, base, delta, overrides=overrides)
+    if getattr(model, "smup_native", False):
+        raise ConfigError(
+            f"{type(model).__name__} applies μP itself; build it with the Parametrization "
+            "instead of calling parametrize() on it"
+        )
+    roles = infer_roles(model, base, delta, overrides=overrides, layouts=layouts)
+    check_tied(roles, p)
     model.smup_roles = roles
     for handle in getattr(model, "_smup_hooks", []):  # parametrizing twice must not stack
         handle.remove()
     model._smup_hooks = []
-    for mod_name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        key = canonical_name(f"{mod_name}.weight" if mod_name else "weight")
-        if isinstance(module, nn.Linear) and isinstance(weight, nn.Parameter) and key in roles:
-            info = roles[key]
-            if info.role == "output" and p.is_mup:
-                c = rules.readout_multiplier(info.m_in, p.readout)
-                if c != 1.0:
-                    model._smup_hooks.append(module.register_forward_pre_hook(_scale_input(c)))
+    modules = dict(model.named_modules())
+    readouts = {}  # parameter name (its module's weight) → readout multiplier
+    for name, info in roles.items():
+        if info.tied_readout is not None:  # the multiplier follows the tied tensor's width
+            readouts[f"{info.tied_readout}.weight" if info.tied_readout else "weight"] = info.m_out
+        elif info.role == "output":
+            readouts[name] = info.m_in
+    for name, m in readouts.items():
+        c = rules.readout_multiplier(m, p.readout) if p.is_mup else 1.0
+        if c == 1.0:
+            continue
+        mod_name, _, p_name = name.rpartition(".")
+        module = modules.get(mod_name) or modules.get(_wrapped_name(modules, mod_name))
+        if p_name != "weight" or not (
+            isinstance(module, nn.Linear) or _is_transposed_linear(module)
+        ):
+            raise ConfigError(
+                f"readout {name!r} is not the weight of a Linear/Conv1D, so its input cannot be "
+                "scaled by a hook: wrap it in an nn.Linear, or build the Parametrization with "
+                "readout='init' (no forward multiplier)"
+            )
+        model._smup_hooks.append(module.register_forward_pre_hook(_scale_input(c)))
     if init:
         init_weights(model, roles, p)
     return roles
+
+
+def check_tied(roles: dict[str, ParamRole], p: Parametrization) -> None:
+    """A tied head takes the embedding's init and LR; the options that would give the shared
+    tensor two different rules are errors (RULES.md §3, "Tied embedding and readout")."""
+    tied = [name for name, info in roles.items() if info.tied_readout is not None]
+    if tied and p.is_mup and p.readout == "init":
+        raise ConfigError(
+            f"{tied[0]} is tied to its readout: readout='init' would give the shared tensor two "
+            "inits; use readout='multiplier' (the default) or untie the weights"
+        )
+    if tied and p.zero_init_readout:
+        raise ConfigError(
+            f"{tied[0]} is tied to its readout: zero_init_readout would zero the embedding; "
+            "set zero_init_readout=False or untie the weights"
+        )
+
+
+def _wrapped_name(modules: dict[str, nn.Module], name: str) -> str:
+    """The module name under a wrapper prefix (``_orig_mod.``, ``module.``) if present."""
+    return next((n for n in modules if canonical_name(n) == name), name)
+
+
+def _is_transposed_linear(module: nn.Module | None) -> bool:
+    return module is not None and type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 def _scale_input(c: float):
@@ -253,7 +303,9 @@ def param_groups(
     For an optimizer with two rules (Muon), parameters of the auxiliary rule take their
     base ``lr``/``weight_decay`` from ``aux`` and their group has ``aux=True``.
     ``shape_factor`` names the factor an orthogonalizing optimizer applies (rules.py);
-    ``splits`` maps glob patterns to a number of equal row blocks (``split`` key).
+    ``splits`` maps glob patterns to a number of equal row blocks or a tuple of row sizes
+    (``split`` key; rows of the (fan_out, fan_in) operator). Weights stored transposed
+    (``ParamRole.transposed``) get ``transposed=True``.
     ``spectral_normalize``: matrices follow §6 and groups carry ``forward_mult``.
     ``family`` overrides the optimizer's family for matrices (chosen by its options, e.g.
     Shampoo's grafting or blocking).
@@ -281,7 +333,7 @@ def param_groups(
                 width_factor = 1.0 / info.width_mult
             wd = rules.independent_weight_decay(fam, lam, group_lr, width_factor)
         split = next((k for pat, k in (splits or {}).items() if fnmatch.fnmatchcase(name, pat)), 1)
-        key = (info.role, info.in_block, group_lr, wd, s.eps, is_aux, split)
+        key = (info.role, info.in_block, group_lr, wd, s.eps, is_aux, split, info.transposed)
         if key not in groups:
             groups[key] = {
                 "params": [],
@@ -300,6 +352,8 @@ def param_groups(
                 groups[key]["split"] = split
             if spectral_normalize:
                 groups[key]["forward_mult"] = s.forward
+            if info.transposed:  # stored (fan_in, fan_out): matrix optimizers transpose it
+                groups[key]["transposed"] = True
         groups[key]["params"].append(param)
         groups[key]["names"].append(canonical_name(name))
     return list(groups.values())

@@ -5,25 +5,54 @@ The idea is microsoft/mup's base shapes: build the same model at two widths and 
 parameter shapes. Here the result is a plain ``dict`` keyed by parameter name — no
 metadata on tensors, so wrappers (torch.compile, DDP, FSDP) cannot drop it.
 
-Layouts: ``nn.Linear``/``nn.ConvNd`` weights are ``(fan_out, fan_in, ...)``; ``nn.Embedding``
-weights are ``(num_embeddings, dim)`` = ``(fan_in, fan_out)`` (one-hot input, RULES.md §1).
-A 2-D parameter of any other module whose one growing dimension cannot be placed is an
-error that names the ``overrides`` entry to add.
+Fans come from the layer type, never from the order of a tensor's dimensions (RULES.md §3,
+"Transposed storage"). Layouts: ``nn.Linear``/``nn.ConvNd``/``nn.Bilinear`` weights and
+``nn.MultiheadAttention``'s input projections are ``"linear"`` ``(fan_out, fan_in, ...)``;
+``nn.Embedding`` weights are ``"embedding"`` ``(num_embeddings, dim)`` = ``(fan_in, fan_out)``
+(one-hot input, RULES.md §1); GPT-2's ``Conv1D`` (any module class named ``Conv1D`` with an
+``nf`` attribute, as in ``transformers``) is ``"transposed"`` ``(fan_in, fan_out)``. Register
+another layer type with ``register_layout`` or name a parameter's layout in ``layouts=``.
+A matrix of any other module whose fans cannot be told apart is an error that names the
+``overrides``/``layouts`` entry to add.
+
+Tied weights (one ``Parameter`` reached under two names, e.g. a GPT-2 head tied to the token
+embedding) have one entry, under the name ``named_parameters()`` gives, with the embedding's
+(input) role and the readout module's name in ``tied_readout``; ``parametrize`` applies the
+readout multiplier in that module's forward pass (microsoft/mup's ``MuSharedReadout``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
 from .errors import ConfigError
 from .rules import ROLES, Role
+
+Layout = Literal["linear", "embedding", "transposed"]
+LAYOUTS: tuple[str, ...] = ("linear", "embedding", "transposed")
+
+# module type → {parameter name: layout}; extend with ``register_layout``
+_LAYOUT_REGISTRY: dict[type, dict[str, str]] = {
+    nn.Linear: {"weight": "linear"},
+    nn.Bilinear: {"weight": "linear"},
+    nn.Conv1d: {"weight": "linear"},
+    nn.Conv2d: {"weight": "linear"},
+    nn.Conv3d: {"weight": "linear"},
+    nn.Embedding: {"weight": "embedding"},
+    nn.EmbeddingBag: {"weight": "embedding"},
+    nn.MultiheadAttention: {
+        f"{w}_weight": "linear" for w in ("in_proj", "q_proj", "k_proj", "v_proj")
+    },
+}
 
 _WRAPPER_PREFIXES = (
     "_orig_mod.",
@@ -46,6 +75,11 @@ class ParamRole:
     m_depth: float = 1.0
     fan_in: int = 1
     fan_out: int = 1
+    transposed: bool = False
+    """The weight is stored ``(fan_in, fan_out)`` (GPT-2's ``Conv1D``); optimizers that
+    treat a matrix as an operator (Muon, spectral normalization) transpose it first."""
+    tied_readout: str | None = None
+    """Name of the module that also uses this tensor as its readout weight (a tied head)."""
 
     @property
     def width_mult(self) -> float:
@@ -71,21 +105,40 @@ def _template(name: str) -> str:
     return re.sub(r"(?<=\.)\d+(?=\.)|^\d+(?=\.)", "*", name)
 
 
-def _layouts(model: nn.Module) -> dict[str, str]:
-    """'linear' (fan_out, fan_in, ...), 'embedding' (fan_in, fan_out) or 'unknown'."""
+def register_layout(module_type: type, layout: Layout, param: str = "weight") -> None:
+    """Declare how ``module_type`` stores its ``param``: ``"linear"`` (fan_out, fan_in, ...),
+    ``"embedding"`` (vocabulary, dim) or ``"transposed"`` (fan_in, fan_out)."""
+    if layout not in LAYOUTS:
+        raise ConfigError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    _LAYOUT_REGISTRY.setdefault(module_type, {})[param] = layout
+
+
+def _module_layout(module: nn.Module, p_name: str) -> str:
+    for cls in type(module).__mro__:
+        if p_name in _LAYOUT_REGISTRY.get(cls, {}):
+            return _LAYOUT_REGISTRY[cls][p_name]
+    if p_name == "weight" and type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return "transposed"  # transformers.pytorch_utils.Conv1D: weight (nx, nf)
+    return "unknown"
+
+
+def _layouts(model: nn.Module, overrides: Mapping[str, str]) -> dict[str, str]:
+    """Layout of every parameter occurrence (tied tensors appear under each name)."""
     out: dict[str, str] = {}
-    for mod_name, module in model.named_modules():
-        for p_name, _ in module.named_parameters(recurse=False):
-            full = f"{mod_name}.{p_name}" if mod_name else p_name
-            if p_name == "weight" and isinstance(module, nn.Embedding | nn.EmbeddingBag):
-                out[full] = "embedding"
-            elif p_name == "weight" and isinstance(
-                module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Bilinear
-            ):
-                out[full] = "linear"
-            else:
-                out.setdefault(full, "unknown")
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for p_name, _ in module.named_parameters(recurse=False, remove_duplicate=False):
+            full = canonical_name(f"{mod_name}.{p_name}" if mod_name else p_name)
+            forced = [v for pat, v in overrides.items() if fnmatch.fnmatchcase(full, pat)]
+            out.setdefault(full, forced[0] if forced else _module_layout(module, p_name))
     return out
+
+
+def _aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Name ``named_parameters()`` gives → the other names of the same tensor (ties)."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(canonical_name(name))
+    return {ns[0]: ns[1:] for ns in names.values() if len(ns) > 1}
 
 
 def _shapes(model: nn.Module | Mapping[str, torch.Size | tuple[int, ...]]) -> dict[str, tuple]:
@@ -100,6 +153,7 @@ def infer_roles(
     delta: nn.Module | Mapping[str, tuple[int, ...]] | None = None,
     *,
     overrides: Mapping[str, Role] | None = None,
+    layouts: Mapping[str, Layout] | None = None,
 ) -> dict[str, ParamRole]:
     """Classify every parameter of ``model``.
 
@@ -111,6 +165,8 @@ def infer_roles(
             needed when ``model`` has the base width. Dimensions that differ between
             ``base`` and ``delta`` (or ``model``) grow with width.
         overrides: glob pattern → role, for parameters that cannot be inferred.
+        layouts: glob pattern → ``"linear"``, ``"embedding"`` or ``"transposed"``: how a
+            custom layer stores its weight (see ``register_layout``).
 
     Parameters whose names exist only at some depths (indices of a repeated block, e.g.
     ``blocks.3.mlp.c_fc.weight``) mark their block template ``blocks.*.mlp.c_fc.weight``;
@@ -121,11 +177,18 @@ def infer_roles(
     for pattern, role in overrides.items():
         if role not in ROLES:
             raise ConfigError(f"override {pattern!r}: unknown role {role!r} (use one of {ROLES})")
+    layouts = dict(layouts or {})
+    for pattern, layout in layouts.items():
+        if layout not in LAYOUTS:
+            raise ConfigError(
+                f"layouts[{pattern!r}]: unknown layout {layout!r} (use one of {', '.join(LAYOUTS)})"
+            )
     model_shapes = _shapes(model)
     base_shapes = _shapes(base)
     other_shapes = _shapes(delta) if delta is not None else model_shapes
-    layouts = {canonical_name(k): v for k, v in _layouts(model).items()}
+    param_layouts = _layouts(model, layouts)
 
+    tie_names = _aliases(model)
     name_sets = [set(model_shapes), set(base_shapes), set(other_shapes)]
     all_names = set().union(*name_sets)
     varying = all_names - set.intersection(*name_sets)
@@ -157,12 +220,41 @@ def infer_roles(
         mults = [s / b for s, b in zip(shape, base_shape, strict=True)]
         in_block = tpl in block_templates
         m_depth = model_counts[tpl] / base_counts[tpl] if in_block else 1.0
-        forced = next((r for pat, r in overrides.items() if fnmatch.fnmatchcase(name, pat)), None)
-        role, m_in, m_out, fan_in, fan_out = _classify(
-            name, shape, grows, mults, layouts.get(name, "unknown"), forced
-        )
-        roles[name] = ParamRole(role, m_in, m_out, in_block, m_depth, fan_in, fan_out)
+        occurrences = {}
+        for occurrence in (name, *tie_names.get(name, [])):
+            forced = next(
+                (r for pat, r in overrides.items() if fnmatch.fnmatchcase(occurrence, pat)), None
+            )
+            layout = param_layouts.get(occurrence, "unknown")
+            role, m_in, m_out, fan_in, fan_out = _classify(
+                occurrence, shape, grows, mults, layout, forced
+            )
+            occurrences[occurrence] = ParamRole(
+                role, m_in, m_out, in_block, m_depth, fan_in, fan_out, layout == "transposed"
+            )
+        roles[name] = _tied(name, occurrences)
     return roles
+
+
+def _tied(name: str, occurrences: dict[str, ParamRole]) -> ParamRole:
+    """One entry for a tensor reached under several names. The same role everywhere (a layer
+    shared between places) is that role; an embedding that is also a readout keeps the
+    embedding's (input) rules and names its readout (RULES.md §3, "Tied embedding and
+    readout"); anything else is not supported."""
+    kinds = {info.role for info in occurrences.values()}
+    if len(kinds) == 1:
+        return occurrences[name]
+    if kinds == {"input", "output"}:
+        inputs = [n for n, i in occurrences.items() if i.role == "input"]
+        outputs = [n for n, i in occurrences.items() if i.role == "output"]
+        if len(outputs) == 1:
+            readout = outputs[0].rsplit(".", 1)[0] if "." in outputs[0] else ""
+            return dataclasses.replace(occurrences[inputs[0]], tied_readout=readout)
+    found = ", ".join(f"{n} as {i.role}" for n, i in occurrences.items())
+    raise ConfigError(
+        f"one tensor is used in roles that need different rules ({found}); only an embedding "
+        "tied to one readout is supported: untie the weights or pass overrides= for one name"
+    )
 
 
 def _classify(
@@ -180,24 +272,36 @@ def _classify(
                 f"override for {name!r}: a {len(shape)}-D parameter can only be 'vector'"
             )
         return "vector", 1.0, m, 1, shape[0] if shape else 1
+    growing = [i for i, g in enumerate(grows) if g]
     if layout == "embedding":
         out_dim, in_dims = 1, [0]
-    elif layout == "linear" or (forced is None and grows[0] == grows[1]):
+    elif layout == "transposed":
+        if len(shape) != 2:
+            raise ConfigError(f"{name!r}: a 'transposed' layout needs a matrix, got shape {shape}")
+        out_dim, in_dims = 1, [0]
+    elif layout == "linear" or (forced is None and not growing):
         out_dim, in_dims = 0, list(range(1, len(shape)))
-    elif forced is not None:
+    elif forced is not None and forced != "hidden":
         # the override says which growing dimension is which
-        growing = [i for i, g in enumerate(grows) if g]
         if forced == "input":
             out_dim = growing[0] if growing else 0
-        elif forced == "output":
-            out_dim = next(i for i in range(len(shape)) if i not in growing)
         else:
-            out_dim = 0
+            fixed = [i for i in range(len(shape)) if i not in growing]
+            if not fixed:
+                raise ConfigError(
+                    f"override {name!r} -> 'output' needs a dimension that stays fixed with "
+                    f"width, but shape {shape} grows in every dimension; use 'hidden' or fix "
+                    "the override's pattern"
+                )
+            out_dim = fixed[0]
         in_dims = [i for i in range(len(shape)) if i != out_dim]
+    elif len(shape) == 2 and len(growing) == 2 and shape[0] == shape[1]:
+        out_dim, in_dims = 0, [1]  # square and both fans grow: either order gives the same fans
     else:
         raise ConfigError(
             f"cannot tell fan_in from fan_out of {name!r} (shape {shape}, owned by a module "
-            f"that is not Linear/Embedding/Conv); pass overrides={{{name!r}: 'input' or 'output'}}"
+            "that is not Linear/Embedding/Conv/Conv1D); pass layouts={"
+            f"{name!r}: 'linear' or 'transposed'}} or overrides={{{name!r}: 'input' or 'output'}}"
         )
     m_out, fan_out = mults[out_dim], shape[out_dim]
     m_in, fan_in = 1.0, 1

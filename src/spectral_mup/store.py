@@ -2,7 +2,9 @@
 
 Only the sweep driver writes (executors return results to it), every insert is one
 transaction, and the run id is the primary key, so a store survives a SIGKILL at any
-point with no lost or duplicated row: rerunning the sweep skips the ids already stored.
+point with no lost or duplicated row: rerunning the sweep skips the ids stored with a
+result (``ok`` or ``diverged``) and retries the ``failed`` ones, whose rows the retries
+replace.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SmupError
+from .fileio import json_text
 
 STATUSES = ("ok", "diverged", "failed")
+RESULTS = ("ok", "diverged")  # stored for good; a ``failed`` row is retried by a rerun
 
 # column -> SQLite type; ``config`` is the run's full RunConfig as JSON
 COLUMNS: dict[str, str] = {
@@ -49,8 +53,8 @@ class StoreError(SmupError):
 
 class RunStore:
     """``RunStore(path)`` opens (creating if needed) a store; ``add`` inserts one finished run,
-    ``ids`` lists the stored run ids, ``rows`` returns every row as a dict (``config``
-    decoded)."""
+    ``ids`` lists the stored run ids, ``statuses`` maps them to their status, ``rows``
+    returns every row as a dict (``config`` decoded)."""
 
     def __init__(self, path: str | Path, *, create: bool = True):
         self.path = Path(path)
@@ -79,17 +83,19 @@ class RunStore:
             )
 
     def add(self, row: dict[str, Any]) -> bool:
-        """Insert one finished run; False (and nothing written) when its id is stored."""
+        """Insert one finished run, replacing a ``failed`` row of its id (a retry); False
+        (and nothing written) when its id is stored with a result (``ok`` or ``diverged``)."""
         missing = [k for k, typ in COLUMNS.items() if "NOT NULL" in typ and row.get(k) is None]
         unknown = sorted(set(row) - set(COLUMNS))
         if missing or unknown or row.get("status") not in STATUSES:
             raise StoreError(f"bad run row: missing {missing}, unknown {unknown}")
         values = {k: row.get(k) for k in COLUMNS}
         if not isinstance(values["config"], str):
-            values["config"] = json.dumps(values["config"], sort_keys=True)
+            values["config"] = json_text(values["config"], indent=None, sort_keys=True)
         names = ", ".join(values)
         marks = ", ".join("?" for _ in values)
-        with self._db:  # one transaction
+        with self._db:  # one transaction: a reader sees the failed row or its retry
+            self._db.execute("DELETE FROM runs WHERE id = ? AND status = 'failed'", (row["id"],))
             cur = self._db.execute(
                 f"INSERT OR IGNORE INTO runs ({names}) VALUES ({marks})", tuple(values.values())
             )
@@ -97,6 +103,10 @@ class RunStore:
 
     def ids(self) -> set[str]:
         return {r[0] for r in self._db.execute("SELECT id FROM runs")}
+
+    def statuses(self) -> dict[str, str]:
+        """Each stored run id and its status (ok, diverged or failed)."""
+        return dict(self._db.execute("SELECT id, status FROM runs"))
 
     def rows(self, sweep: str | None = None) -> list[dict[str, Any]]:
         query = "SELECT * FROM runs" + (" WHERE sweep = ?" if sweep else "") + " ORDER BY id"

@@ -41,10 +41,11 @@ is written: a bad spec is one ``ConfigError`` and no store. Each run has a deter
 (:func:`run_id`: a hash of its config), trains in ``OUT/<id>/`` through
 :func:`spectral_mup.train.run` (quietly), and its result becomes one row of the
 :class:`~spectral_mup.store.RunStore`, written by this driver only, as the run finishes.
-Rerunning a spec skips the ids already stored; a run killed midway resumes from its last
-checkpoint (bit-exact), so an interrupted sweep ends with the same rows as an uninterrupted
-one. A diverged run is a result (status ``diverged``); a run that raises is stored as
-``failed`` with its error, and the sweep goes on.
+Rerunning a spec skips the ids stored with a result (``ok`` or ``diverged``); a run killed
+midway resumes from its last checkpoint (bit-exact), so an interrupted sweep ends with the
+same rows as an uninterrupted one. A diverged run is a result (status ``diverged``); a run
+that raises is stored as ``failed`` with its error, and the sweep goes on; a rerun retries
+the failed runs (fix the cause first) and each retry replaces its failed row.
 
 Executors: ``local`` (a process pool with the cores split between workers; one worker runs
 in-process) and ``ray`` (the same run function as a Ray task; results come back to the
@@ -52,7 +53,7 @@ driver, which writes the store). On a multi-node Ray cluster, ``out_dir`` must b
 shared filesystem for killed runs to resume, and every node needs the data
 (``SMUP_DATA_DIR`` is passed on to the tasks).
 
-Disk: once a run's row is stored the run never trains again, so its checkpoint and
+Disk: once a run's result is stored the run never trains again, so its checkpoint and
 weights are deleted (``OUT/<id>/result.json``, with the loss history, stays) unless
 ``keep_weights = true``; a failed run's directory is left as it is, to inspect.
 """
@@ -82,17 +83,13 @@ from typing import Any
 from . import train
 from .config import RunConfig, _resolve_key, build_config, load_config, tomllib
 from .errors import ConfigError, SmupError
-from .store import RunStore
+from .store import RESULTS, RunStore
 from .train import CHECKPOINT, WEIGHTS
 
 EXECUTORS = ("local", "ray")
-# keys that change how a run executes, not what it computes: not part of its id
-RUNTIME_KEYS = {
-    ("train", "out_dir"),
-    ("train", "progress"),
-    ("train", "resume"),
-    ("train", "device"),
-}
+# keys that change how a run executes, not what it computes: not part of its id, and free
+# to change between a run and its resume (train.RUNTIME_KEYS, one list for both)
+RUNTIME_KEYS = {("train", key) for key in train.RUNTIME_KEYS}
 # grid key -> RunConfig key, in the order the grid is expanded
 GRID_KEYS: dict[str, tuple[str, str]] = {
     "optimizer": ("optim", "name"),
@@ -160,7 +157,8 @@ class SweepSummary:
     name: str
     store: Path
     total: int
-    skipped: int
+    skipped: int  # stored with a result (ok or diverged): not run again
+    retried: int = 0  # stored as failed: run again, the retry replaces the row
     counts: dict[str, int] = field(default_factory=lambda: {"ok": 0, "diverged": 0, "failed": 0})
     lost: int = 0  # runs whose worker process died: not stored, rerun the sweep to retry
     wall_time: float = 0.0
@@ -176,6 +174,8 @@ class SweepSummary:
             f"{self.skipped} skipped (already stored) of {self.total} runs in "
             f"{self.wall_time:.1f}s; store {self.store}"
         )
+        if self.retried:
+            text += f"; {self.retried} retried (stored as failed before)"
         if self.lost:
             text += f"; {self.lost} lost to a dead worker process: rerun to retry them"
         return text
@@ -643,12 +643,13 @@ def run_ray(
 # ----------------------------------------------------------------------------- the driver
 
 
-def stored_ids(store: Path) -> set[str]:
-    """The ids in an existing store (empty when there is none; never creates one)."""
+def stored_statuses(store: Path) -> dict[str, str]:
+    """The ids in an existing store and their statuses (empty when there is no store;
+    never creates one)."""
     if not store.is_file():
-        return set()
+        return {}
     with RunStore(store, create=False) as s:
-        return s.ids()
+        return s.statuses()
 
 
 def run_sweep(
@@ -659,8 +660,10 @@ def run_sweep(
     address: str | None = None,
     progress: bool = True,
 ) -> SweepSummary:
-    """Run every run of ``spec`` whose id is not in its store; write each row as it
-    arrives. ``executor``, ``workers`` and ``address`` override the spec's."""
+    """Run every run of ``spec`` whose id is not stored with a result (``ok`` or
+    ``diverged``): new runs and retries of ``failed`` ones; write each row as it arrives
+    (a retry's row replaces the failed one). ``executor``, ``workers`` and ``address``
+    override the spec's."""
     executor = executor or spec.executor
     if executor not in EXECUTORS:
         raise ConfigError(f"unknown executor {executor!r}; use local or ray")
@@ -672,9 +675,17 @@ def run_sweep(
         _check_reachable(address)  # before the store is created
     start = time.perf_counter()
     with RunStore(spec.store) as store:
-        done = store.ids()
-        todo = sorted((r for r in spec.runs if r.id not in done), key=lambda r: -r.cost)
-        summary = SweepSummary(spec.name, spec.store, len(spec.runs), len(spec.runs) - len(todo))
+        stored = store.statuses()
+        todo = sorted(
+            (r for r in spec.runs if stored.get(r.id) not in RESULTS), key=lambda r: -r.cost
+        )
+        summary = SweepSummary(
+            spec.name,
+            spec.store,
+            len(spec.runs),
+            skipped=len(spec.runs) - len(todo),
+            retried=sum(r.id in stored for r in todo),
+        )
         if todo:
             from tqdm import tqdm
 
@@ -727,16 +738,24 @@ def describe(run: Run) -> str:
     )
 
 
+def _state(status: str | None) -> str:
+    """A run's dry-run state from its stored status: stored (a result), retry or todo."""
+    return "stored" if status in RESULTS else "retry" if status else "todo"
+
+
 def dry_run_lines(spec: SweepSpec) -> list[str]:
-    """One line per run (``stored`` or ``todo``) and a count line; writes nothing."""
+    """One line per run (``stored``: a result, skipped; ``retry``: stored as failed, run
+    again; ``todo``: new) and a count line; writes nothing."""
     try:
-        done = stored_ids(spec.store)
+        stored = stored_statuses(spec.store)
     except (SmupError, sqlite3.Error) as exc:
         raise SmupError(f"cannot read the store {spec.store}: {exc}") from None
-    lines = [f"{'stored' if r.id in done else 'todo  '}  {describe(r)}" for r in spec.runs]
-    stored = sum(r.id in done for r in spec.runs)
+    states = [_state(stored.get(r.id)) for r in spec.runs]
+    lines = [f"{state:<6}  {describe(r)}" for state, r in zip(states, spec.runs, strict=True)]
+    done, retry = states.count("stored"), states.count("retry")
+    again = f" ({retry} retried: stored as failed)" if retry else ""
     lines.append(
-        f"sweep {spec.name}: {len(spec.runs)} runs, {stored} already stored, "
-        f"{len(spec.runs) - stored} to run; store {spec.store}, run dirs {spec.out_dir}/<id>"
+        f"sweep {spec.name}: {len(spec.runs)} runs, {done} already stored, "
+        f"{len(spec.runs) - done} to run{again}; store {spec.store}, run dirs {spec.out_dir}/<id>"
     )
     return lines

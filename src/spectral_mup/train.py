@@ -29,7 +29,9 @@ CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
 WEIGHTS = "model.pt"
 _FORMAT = "spectral-mup-checkpoint-v1"
-_RUNTIME_KEYS = {"out_dir", "resume", "progress"}  # may change between a run and its resume
+# train.* keys that change how a run executes, not what it computes: outside a sweep run's
+# id (sweep.RUNTIME_KEYS) and free to change between a run and its resume
+RUNTIME_KEYS = frozenset({"out_dir", "resume", "progress", "device"})
 
 
 def lr_factor(cfg: RunConfig) -> Callable[[int], float]:
@@ -77,11 +79,20 @@ def build_run_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.O
     )
 
 
-def fingerprint(cfg: RunConfig) -> dict[str, Any]:
-    """The parts of a config a checkpoint must agree with to be resumed."""
-    d = cfg.to_dict()
-    d["train"] = {k: v for k, v in d["train"].items() if k not in _RUNTIME_KEYS}
-    return d
+def fingerprint(cfg: RunConfig | dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The parts of a config (a ``RunConfig`` or its ``to_dict()``, e.g. a checkpoint's
+    stored fingerprint) a checkpoint must agree with to be resumed: every key but the
+    runtime ones (:data:`RUNTIME_KEYS`) and those set to ``None`` (an unset option), as a
+    sweep's run id."""
+    d = cfg.to_dict() if isinstance(cfg, RunConfig) else cfg
+    return {
+        section: {
+            k: v
+            for k, v in items.items()
+            if v is not None and not (section == "train" and k in RUNTIME_KEYS)
+        }
+        for section, items in d.items()
+    }
 
 
 def _autocast(cfg: RunConfig):
@@ -149,6 +160,25 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def _check_fingerprint(ckpt: dict[str, Any], cfg: RunConfig, path: Path) -> None:
+    """Raise unless the checkpoint was written by this config (runtime keys aside; the
+    stored fingerprint is re-fingerprinted, so a checkpoint written while a key was not yet
+    runtime-only still resumes)."""
+    theirs, ours = fingerprint(ckpt["config"]), fingerprint(cfg)
+    if theirs == ours:
+        return
+    diff = sorted(
+        f"{s}.{k}"
+        for s in theirs.keys() | ours.keys()
+        for k in theirs.get(s, {}).keys() | ours.get(s, {}).keys()
+        if theirs.get(s, {}).get(k) != ours.get(s, {}).get(k)
+    )
+    raise CheckpointError(
+        f"{path} was written by a different config (differs in {', '.join(diff) or 'keys'}); "
+        "use another train.out_dir or --train.resume false"
+    )
+
+
 def run(cfg: RunConfig, *, log: Callable[[str], None] | None = print) -> dict[str, Any]:
     """Train one model; return (and write to ``out_dir/result.json``) the result."""
     log = log or (lambda _msg: None)
@@ -158,18 +188,8 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] | None = print) -> dict[st
     out = Path(t.out_dir)
     ckpt_path = out / CHECKPOINT
     ckpt = load_checkpoint(ckpt_path) if t.resume and ckpt_path.exists() else None
-    if ckpt is not None and ckpt["config"] != fingerprint(cfg):
-        diff = sorted(
-            f"{s}.{k}"
-            for s in ckpt["config"]
-            for k in ckpt["config"][s]
-            if ckpt["config"][s][k] != fingerprint(cfg).get(s, {}).get(k)
-        )
-        raise CheckpointError(
-            f"{ckpt_path} was written by a different config "
-            f"(differs in {', '.join(diff) or 'keys'}); "
-            "use another train.out_dir or --train.resume false"
-        )
+    if ckpt is not None:
+        _check_fingerprint(ckpt, cfg, ckpt_path)
 
     torch.manual_seed(t.seed)
     model = build_model(cfg, data.vocab_size).to(device)
@@ -287,13 +307,14 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] | None = print) -> dict[st
         save_checkpoint()
         save_torch(out / WEIGHTS, model.state_dict())
     tail = hist["train_loss"][-min(len(hist["train_loss"]), t.eval_interval) :]
+    final_val = hist["val"][-1][1] if hist["val"] else None
     result = {
         "status": status,
         "stop_reason": stop_reason,
         "iters": state["iter"],
         "best_val_loss": state["best_val"] if math.isfinite(state["best_val"]) else None,
         "best_iter": state["best_iter"],
-        "final_val_loss": hist["val"][-1][1] if hist["val"] else None,
+        "final_val_loss": final_val if final_val is not None and math.isfinite(final_val) else None,
         "final_train_loss": sum(tail) / len(tail) if tail else None,
         "diverged_at": diverged_at,
         "tokens": state["iter"] * t.batch_size * cfg.model.block_size,

@@ -3,8 +3,10 @@ hidden matrices; an AdamW rule for everything else — one optimizer, one ``stat
 
 Muon groups (``aux=False``):
     m ← lerp(m, g, 1−μ);  u = lerp(g, m, μ) (Nesterov) or m;
-    O = NS5(u) per logical sub-block (``split`` equal row blocks, e.g. fused Q, K, V),
-        batched over every sub-block of the same shape;
+    O = NS5(u) per logical sub-block (``split``: k equal row blocks, or a tuple of row
+        sizes, e.g. fused Q, K, V with fewer K/V heads), batched over every sub-block of the
+        same shape; a ``transposed`` group's weights are stored (fan_in, fan_out) (GPT-2's
+        Conv1D) and are orthogonalized as the (fan_out, fan_in) operator they are;
     θ ← θ·(1 − lr·λ) − lr·f(fan_out, fan_in)·O
 with the shape factor f: ``"spectral"`` sqrt(fan_out/fan_in) (μP), ``"original"``
 sqrt(max(1, fan_out/fan_in)) (torch.optim.Muon) or ``"moonlight"`` 0.2·sqrt(max(fan_out,
@@ -66,6 +68,28 @@ def _iterate(
     return x if wide else x.mT
 
 
+def _logical(t: torch.Tensor, group: dict) -> torch.Tensor:
+    """The (fan_out, fan_in) operator a weight (or its update) stands for."""
+    return t.mT if group["transposed"] else t.reshape(t.size(0), -1)
+
+
+def _stored(matrix: torch.Tensor, p: torch.Tensor, group: dict) -> torch.Tensor:
+    """``_logical``'s inverse: back to the parameter's storage layout."""
+    return (matrix.mT if group["transposed"] else matrix).reshape(p.shape)
+
+
+def _row_sizes(group: dict, rows: int) -> list[int]:
+    """Row sizes of a matrix's logical sub-blocks (``split``: a count or the sizes)."""
+    split = group["split"]
+    if isinstance(split, int):
+        if rows % split:
+            raise ValueError(f"Muon: {rows} rows do not split into {split} equal blocks")
+        return [rows // split] * split
+    if sum(split) != rows:
+        raise ValueError(f"Muon: split sizes {tuple(split)} do not add up to {rows} rows")
+    return list(split)
+
+
 class Muon(Optimizer):
     """Args:
     lr, momentum, nesterov, weight_decay: the Muon part (Keller's defaults: 0.02, 0.95, True).
@@ -109,6 +133,7 @@ class Muon(Optimizer):
             eps=eps,
             aux=False,
             split=1,
+            transposed=False,
         )
         self.ns_dtype = ns_dtype
         super().__init__(params, defaults)
@@ -118,11 +143,12 @@ class Muon(Optimizer):
         group = self.param_groups[-1]
         if not group["aux"]:
             for p in group["params"]:
-                if p.ndim < 2 or p.size(0) % group["split"]:
+                if p.ndim < 2 or (group["transposed"] and p.ndim != 2):
                     raise ValueError(
-                        f"Muon needs matrices whose rows split into {group['split']} blocks; "
-                        f"got shape {tuple(p.shape)} (route it to the AdamW part: aux=True)"
+                        f"Muon needs matrices; got shape {tuple(p.shape)} "
+                        "(route it to the AdamW part: aux=True)"
                     )
+                _row_sizes(group, _logical(p, group).size(0))  # raises if the split is wrong
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -144,22 +170,29 @@ class Muon(Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - mu)
                 update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
-                k = group["split"]
-                pending.append((group, p, update.reshape(k, p.size(0) // k, -1)))
+                matrix = _logical(update, group)
+                for block in matrix.split(_row_sizes(group, matrix.size(0))):
+                    pending.append((group, p, block))
+        done = defaultdict(list)  # param → its orthogonalized, scaled blocks in row order
         for group, p, ortho in self._orthogonalize(pending):
-            rows, cols = ortho.shape[-2:]
-            scale = SHAPE_FACTORS[group["shape_factor"]](cols, rows)
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_(ortho.reshape(p.shape), alpha=-group["lr"] * scale)
+            rows, cols = ortho.shape
+            done[p].append(ortho * SHAPE_FACTORS[group["shape_factor"]](cols, rows))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in done:
+                    blocks = done.pop(p)
+                    update = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(_stored(update, p, group), alpha=-group["lr"])
         return loss
 
     def _orthogonalize(self, pending):
         """NS5 on every block, batched over blocks of the same shape, dtype and settings."""
         batches = defaultdict(list)
-        for i, (group, p, blocks) in enumerate(pending):
+        for i, (group, p, block) in enumerate(pending):
             dtype = self.ns_dtype or (torch.float32 if p.device.type == "cpu" else torch.bfloat16)
             key = (
-                tuple(blocks.shape[-2:]),
+                tuple(block.shape),
                 p.device,
                 p.dtype,
                 dtype,
@@ -170,13 +203,10 @@ class Muon(Optimizer):
             batches[key].append(i)
         results = [None] * len(pending)
         for (_, _, _, dtype, steps, coeffs, eps), members in batches.items():
-            stacked = torch.cat([pending[i][2].to(dtype) for i in members])
+            stacked = torch.stack([pending[i][2].to(dtype) for i in members])
             ortho = newton_schulz(stacked, steps, coeffs, eps, dtype)
-            offset = 0
-            for i in members:
-                k = pending[i][2].size(0)
-                results[i] = ortho[offset : offset + k]
-                offset += k
+            for j, i in enumerate(members):
+                results[i] = ortho[j]
         return [(group, p, results[i]) for i, (group, p, _) in enumerate(pending)]
 
     def _adamw(self, group: dict) -> None:

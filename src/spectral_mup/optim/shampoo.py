@@ -118,6 +118,8 @@ class Shampoo(ParamwiseOptimizer):
         precondition = t >= start
         recompute = precondition and (t - start) % freq == 0
         e_l, e_r = group["exponents"]
+        if group.get("transposed"):  # stored (fan_in, fan_out): the stored rows are fan_in
+            e_l, e_r = e_r, e_l
         direction = filtered if graft is None else graft
         if precondition:
             direction = torch.empty_like(g)

@@ -76,8 +76,8 @@ class SpectralNormalized(Optimizer):
                     rms = update.pow(2).mean().sqrt()
                     if rms > 0:
                         update = update * (lr / rms)
-                elif p.ndim >= 2:
-                    matrix = update.reshape(p.size(0), -1)
+                elif p.ndim >= 2:  # the (fan_out, fan_in) operator, whatever the storage
+                    matrix = update.mT if group.get("transposed") else update.reshape(p.size(0), -1)
                     sigma = self._top_singular_value(p, matrix)
                     if sigma > 0:
                         target = lr * math.sqrt(matrix.size(0) / matrix.size(1))
