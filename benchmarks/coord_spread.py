@@ -98,10 +98,30 @@ def _patched(name: str | None):
     return lambda: setattr(rules, attr, old)
 
 
+def _tied_gpt2(optimizer: str):
+    """tests/test_shapes.py's GPT-2-shaped model (vocab 50257, tied head, Conv1D)."""
+
+    def run(seeds):
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from test_shapes import tied_gpt2_coord_check
+
+        return tied_gpt2_coord_check(optimizer, LR, seeds)
+
+    return run
+
+
+CUSTOM = {"tied-gpt2-adamw": _tied_gpt2("adamw"), "tied-gpt2-lamb": _tied_gpt2("lamb")}
+
+
 def run_one(check: str, seeds: tuple[int, ...], threads: int) -> dict:
+    torch.set_num_threads(threads)
+    if check in CUSTOM:
+        report = CUSTOM[check](seeds)
+        return {"check": check, "seeds": list(seeds), "threads": threads, "slopes": report.slopes()}
     kwargs = dict(CHECKS[check])
     undo = _patched(kwargs.pop("patch", None))
-    torch.set_num_threads(threads)
     try:
         report = gpt_coord_check(seeds=seeds, **kwargs)
     finally:
@@ -115,7 +135,7 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--out", default="runs/coord_spread/runs.jsonl")
     args = ap.parse_args()
-    names = [n for n in args.only.split(",") if n] or list(CHECKS)
+    names = [n for n in args.only.split(",") if n] or [*CHECKS, *CUSTOM]
     threads = [int(t) for t in args.threads.split(",")]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from .errors import ConfigError
 from .fileio import atomic_write, write_json
 from .optim import build_optimizer
 from .parametrize import Parametrization
+from .roles import module_layout
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -157,6 +158,7 @@ def coord_check(
     taps: Callable[[nn.Module], Mapping[str, nn.Module]] = default_taps,
     optimizer_kwargs: Mapping[str, Any] | None = None,
     hessian: Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor], None] | None = None,
+    split_terms: Sequence[str] = (),
     progress: bool = False,
 ) -> CoordReport:
     """Run a coordinate check.
@@ -175,6 +177,11 @@ def coord_check(
             that keeps one (Sophia's ``hessian_interval``), every ``hessian_interval`` steps
             as in training; required for such an optimizer, which would otherwise run as
             sign-momentum.
+        split_terms: groups whose tap is a Linear/Conv1D layer (e.g. the readout): their
+            change y_t − y_0 = ΔW·x_t + W₀·Δx is also recorded term by term, as groups
+            ``"G:ΔW·x"`` (the layer's own update, what its rule is about) and ``"G:W₀·Δx"``
+            (the change of its input seen through the initial weights; for a readout under
+            μP it vanishes as 1/sqrt(m), so at small widths it can dominate the total).
     """
     if len(set(sizes)) < 2:
         raise ConfigError(f"a coordinate check needs at least two different sizes, got {sizes}")
@@ -193,12 +200,24 @@ def coord_check(
                 "spectral_mup.train.update_hessian for a language model)"
             )
         tapped = dict(taps(model))
-        group_sets.append(list(tapped))
+        for g in split_terms:
+            if g not in tapped or _weight_of(tapped[g]) is None:
+                raise ConfigError(f"split_terms: {g!r} is not a tapped Linear/Conv1D layer")
+        terms = [f"{g}:{t}" for g in split_terms for t in ("ΔW·x", "W₀·Δx")]
+        group_sets.append([*tapped, *terms])
         outputs: dict[str, torch.Tensor] = {}
-        hooks = [m.register_forward_hook(_recorder(outputs, g)) for g, m in tapped.items()]
+        inputs: dict[str, torch.Tensor] = {}
+        hooks = [
+            m.register_forward_hook(_recorder(outputs, g, inputs if g in split_terms else None))
+            for g, m in tapped.items()
+        ]
         start = _measure(model, batches[0][0], outputs)
+        x0 = {g: inputs[g].clone() for g in split_terms}
+        w0 = {g: _weight_of(tapped[g]).detach().clone() for g in split_terms}
         for g, out in start.items():
             records.append(_row(label, size, seed, 0, g, _rms(out), 0.0))
+        for g in terms:
+            records.append(_row(label, size, seed, 0, g, 0.0, 0.0))
         for step in range(1, steps + 1):
             x, y = batches[(step - 1) % len(batches)]
             opt.zero_grad(set_to_none=True)
@@ -209,6 +228,13 @@ def coord_check(
             now = _measure(model, batches[0][0], outputs)
             for g, out in now.items():
                 records.append(_row(label, size, seed, step, g, _rms(out), _rms(out - start[g])))
+            for g in split_terms:
+                module = tapped[g]
+                with torch.no_grad():
+                    own = _apply(module, inputs[g], _weight_of(module) - w0[g])
+                    seen = _apply(module, inputs[g] - x0[g], w0[g])
+                for name, term in ((f"{g}:ΔW·x", own), (f"{g}:W₀·Δx", seen)):
+                    records.append(_row(label, size, seed, step, name, _rms(term), _rms(term)))
         for h in hooks:
             h.remove()
     groups = [g for g in group_sets[0] if all(g in s for s in group_sets)] if group_sets else []
@@ -244,11 +270,29 @@ def _row(label: str, size: int, seed: int, step: int, group: str, rms: float, ch
     }
 
 
-def _recorder(store: dict[str, torch.Tensor], group: str):
+def _recorder(
+    store: dict[str, torch.Tensor], group: str, inputs: dict[str, torch.Tensor] | None = None
+):
     def hook(module: nn.Module, args: tuple, output: Any) -> None:
         store[group] = (output[0] if isinstance(output, tuple) else output).detach()
+        if inputs is not None:  # the input after forward pre-hooks (a readout multiplier's)
+            inputs[group] = args[0].detach()
 
     return hook
+
+
+def _weight_of(module: nn.Module) -> torch.Tensor | None:
+    weight = getattr(module, "weight", None)
+    layout = module_layout(module, "weight")
+    ok = isinstance(weight, torch.Tensor) and weight.ndim == 2
+    return weight if ok and layout in ("linear", "transposed") else None
+
+
+def _apply(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x through ``weight`` in the module's layout, without bias."""
+    if module_layout(module, "weight") == "transposed":
+        return x @ weight
+    return torch.nn.functional.linear(x, weight)
 
 
 def gpt_coord_check(

@@ -113,7 +113,8 @@ def register_layout(module_type: type, layout: Layout, param: str = "weight") ->
     _LAYOUT_REGISTRY.setdefault(module_type, {})[param] = layout
 
 
-def _module_layout(module: nn.Module, p_name: str) -> str:
+def module_layout(module: nn.Module, p_name: str) -> str:
+    """How ``module`` stores its parameter ``p_name``: a layout or ``"unknown"``."""
     for cls in type(module).__mro__:
         if p_name in _LAYOUT_REGISTRY.get(cls, {}):
             return _LAYOUT_REGISTRY[cls][p_name]
@@ -129,7 +130,7 @@ def _layouts(model: nn.Module, overrides: Mapping[str, str]) -> dict[str, str]:
         for p_name, _ in module.named_parameters(recurse=False, remove_duplicate=False):
             full = canonical_name(f"{mod_name}.{p_name}" if mod_name else p_name)
             forced = [v for pat, v in overrides.items() if fnmatch.fnmatchcase(full, pat)]
-            out.setdefault(full, forced[0] if forced else _module_layout(module, p_name))
+            out.setdefault(full, forced[0] if forced else module_layout(module, p_name))
     return out
 
 
