@@ -280,3 +280,59 @@ def test_blocked_kronecker_optimizers_mup_flat_sp_grows(optimizer, options):
         optimizer_kwargs=options,
     )
     assert_mup_flat_sp_grows(report, ("block0.mlp", "block1.attn", "block1.mlp", "residual"))
+
+
+def test_rows_compare_like_with_like(monkeypatch):
+    """SP and μP rows are built alike: the training default (σ_b head) unless the zero-head
+    protocol is asked for, and then in every row."""
+    import spectral_mup.coord as C
+
+    seen = []
+    real = C.coord_check
+
+    def spy(build, params, *args, **kwargs):
+        seen.append({label: p.zero_init_readout for label, p in params.items()})
+        return real(build, params, *args, **kwargs)
+
+    monkeypatch.setattr(C, "coord_check", spy)
+    small = dict(sizes=(32, 64), steps=1, seeds=(0,), batch_size=2, block_size=16)
+    C.gpt_coord_check(**small)
+    C.gpt_coord_check(zero_init_readout=True, **small)
+    C.gpt_coord_check(optimizer="lamb", zero_init_readout=True, **small)  # ‖W‖-following
+    default, zero = {"sp": False, "mup": False}, {"sp": True, "mup": True}
+    assert seen == [default, zero, default]
+
+
+def test_sophia_coord_check_runs_the_hessian_estimator(monkeypatch):
+    """Sophia's estimate is refreshed every hessian_interval steps (a check that never called
+    it measured sign-momentum); a generic model with no estimator given is an error."""
+    from spectral_mup.optim import SophiaG
+
+    calls = []
+    real = SophiaG.update_hessian
+
+    def counted(self):
+        calls.append(1)
+        real(self)
+
+    monkeypatch.setattr(SophiaG, "update_hessian", counted)
+    small = dict(sizes=(32, 64), steps=4, seeds=(0,), batch_size=2, block_size=16, kinds=("mup",))
+    gpt_coord_check(optimizer="sophia", optimizer_kwargs={"hessian_interval": 2}, **small)
+    assert len(calls) == 2 * 2  # two sizes × steps 2 and 4
+
+    def build(width, p):
+        from spectral_mup import parametrize
+
+        model = nn.Linear(4, width)
+        parametrize(model, p, base=nn.Linear(4, 32), delta=nn.Linear(4, 64))
+        return model
+
+    with pytest.raises(Exception, match=r"keeps a Hessian estimate: pass coord_check\(hessian="):
+        coord_check(
+            build,
+            {"mup": Parametrization(base_width=32)},
+            (32, 64),
+            [(torch.randn(2, 4), torch.randn(2, 1))],
+            loss=lambda m, x, y: m(x).sum(),
+            optimizer="sophia",
+        )

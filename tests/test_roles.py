@@ -167,3 +167,13 @@ def test_meta_device_bases_are_free():
         base, delta = mlp(8), mlp(16)
     roles = infer_roles(mlp(8), base, delta)
     assert roles["2.weight"].role == "hidden"
+
+
+def test_output_override_on_a_matrix_that_grows_everywhere_is_a_one_line_error():
+    class Free(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(width, 2 * width))
+
+    with pytest.raises(ConfigError, match=r"override 'w' -> 'output' needs a dimension that stays"):
+        infer_roles(Free(64), Free(32), overrides={"w": "output"})

@@ -497,3 +497,21 @@ def test_interrupted_run_resumes_exactly(tmp_path: Path, monkeypatch: pytest.Mon
         assert len(rates) == 3 and all(0.0 <= r <= 1.0 for r in rates)
     else:
         assert whole["history"]["win_rate"] == []
+
+
+@pytest.mark.parametrize("spectral", [False, True])
+def test_sophia_estimates_its_hessian_even_when_wrapped(tmp_path: Path, spectral: bool):
+    """The training loop reaches Sophia's estimator through SpectralNormalized too: after
+    hessian_interval steps h is nonzero, and the run logs win rates (a wrapper that hid
+    ``hessian_interval`` left Sophia running as sign-momentum, h ≡ 0)."""
+    args = ["--optimizer", "sophia", "--train.max_iters", "6", "--train.eval_interval", "3"]
+    args += ["--optim.hessian_interval", "2", "--optim.spectral_normalize", str(spectral).lower()]
+    cfg = tiny(tmp_path, *args)
+    result = run(cfg, log=None)
+    assert len(result["history"]["win_rate"]) == 2
+    model = T.build_model(cfg, 65)
+    opt = T.build_run_optimizer(cfg, model)
+    assert opt.hessian_interval == 2
+    ckpt = torch.load(tmp_path / T.CHECKPOINT, weights_only=True)
+    hessians = [s["hessian"] for s in ckpt["optimizer"]["state"].values() if "hessian" in s]
+    assert hessians and all(h.abs().sum() > 0 for h in hessians if h.ndim >= 2)
