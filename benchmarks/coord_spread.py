@@ -25,7 +25,7 @@ from spectral_mup import rules
 from spectral_mup.coord import gpt_coord_check
 
 W = (64, 128, 256, 512)
-LR = 3e-3
+LR = 3e-3  # AdamW-like LR of the preconditioned optimizers' checks; see cli.COORD_LR
 SEED_SETS = ((0, 1, 2), (3, 4, 5), (6, 7, 8))
 
 
@@ -36,7 +36,7 @@ def _width(optimizer, lr=LR, sizes=W, kinds=("sp", "mup"), **kw):
 # name → gpt_coord_check arguments (seeds added per run); "patch" names a rule swap (the
 # negative controls of test_coord.py)
 CHECKS = {
-    "adamw": _width("adamw"),
+    "adamw": _width("adamw", lr=1e-3),
     "adamw-zero-head": _width("adamw", zero_init_readout=True),
     "sgd": _width("sgd", lr=0.1),
     "depth": dict(
@@ -49,9 +49,10 @@ CHECKS = {
         width=64,
     ),
     "adopt": _width("adopt"),
-    "sophia": _width("sophia", optimizer_kwargs={"hessian_interval": 1}),
-    "lion": _width("lion"),
-    "lamb": _width("lamb"),
+    "sophia": _width("sophia", lr=1e-3, optimizer_kwargs={"hessian_interval": 1}),
+    "lion": _width("lion", lr=1e-3),
+    "lamb": _width("lamb", lr=1e-2),
+    "lamb-mup-3e-3": _width("lamb", kinds=("mup",)),
     "lamb-paper-rule": _width("lamb", kinds=("mup",), patch="lamb_paper"),
     "muon": _width("muon", lr=0.02, optimizer_kwargs={"adam_lr": LR}),
     "spectral-adamw": _width("adamw", optimizer_kwargs={"spectral_normalize": True}),
@@ -153,22 +154,66 @@ def main() -> None:
                     with out.open("a") as f:
                         f.write(json.dumps(r) + "\n")
                     print(f"{name} seeds {seeds} threads {t} done", flush=True)
+    print(
+        "\n| check | runs | μP worst group: test seeds (range) | μP mean hidden (range) "
+        "| SP min hidden (range) | SP logits (range) |"
+    )
+    print("|---|---|---|---|---|---|")
     for name in names:
         runs = [r for (n, _, _), r in done.items() if n == name]
-        test_run = next(
-            (r for r in runs if tuple(r["seeds"]) == SEED_SETS[0] and r["threads"] == 2), runs[0]
-        )
-        spread: dict[tuple[str, str], list[float]] = defaultdict(list)
-        for r in runs:
-            for label, slopes in r["slopes"].items():
-                for group, s in slopes.items():
-                    spread[label, group].append(s)
-        print(f"\n## {name} ({len(runs)} runs)\n")
-        print("| row | group | test seeds, 2 threads | min | max |")
-        print("|---|---|---|---|---|")
-        for (label, group), values in spread.items():
-            s0 = test_run["slopes"][label][group]
-            print(f"| {label} | {group} | {s0:+.3f} | {min(values):+.3f} | {max(values):+.3f} |")
+        print(summary_row(name, runs))
+    for name in names:
+        runs = [r for (n, _, _), r in done.items() if n == name]
+        detail(name, runs)
+
+
+HIDDEN = ("block0.attn", "block0.mlp", "block1.attn", "block1.mlp", "residual")
+
+
+def _test_run(runs: list[dict]) -> dict:
+    return next(
+        (r for r in runs if tuple(r["seeds"]) == SEED_SETS[0] and r["threads"] == 2), runs[0]
+    )
+
+
+def _range(values: list[float]) -> str:
+    return f"{min(values):+.2f}…{max(values):+.2f}"
+
+
+def summary_row(name: str, runs: list[dict]) -> str:
+    """One table row: the μP group farthest from 0 (W₀·Δx, which vanishes by design, left
+    out), the mean over hidden groups, and SP's smallest hidden slope and logits slope."""
+    mup = [r["slopes"].get("mup") or r["slopes"].get("mup α=1") for r in runs]
+    groups = [g for g in mup[0] if not g.endswith("W₀·Δx")]
+    worst = max(groups, key=lambda g: max(abs(m[g]) for m in mup))
+    t = _test_run(runs)["slopes"]
+    t_mup = t.get("mup") or t.get("mup α=1")
+    cells = [f"{worst} {t_mup[worst]:+.2f} ({_range([m[worst] for m in mup])})"]
+    if all(g in mup[0] for g in HIDDEN):
+        cells.append(_range([sum(m[g] for g in HIDDEN) / 5 for m in mup]))
+    else:
+        cells.append("—")
+    if "sp" in runs[0]["slopes"]:
+        cells.append(_range([min(r["slopes"]["sp"][g] for g in HIDDEN) for r in runs]))
+        cells.append(_range([r["slopes"]["sp"]["logits"] for r in runs]))
+    else:
+        cells += ["—", "—"]
+    return f"| {name} | {len(runs)} | " + " | ".join(cells) + " |"
+
+
+def detail(name: str, runs: list[dict]) -> None:
+    spread: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in runs:
+        for label, slopes in r["slopes"].items():
+            for group, s in slopes.items():
+                spread[label, group].append(s)
+    test_run = _test_run(runs)
+    print(f"\n## {name} ({len(runs)} runs)\n")
+    print("| row | group | test seeds, 2 threads | min | max |")
+    print("|---|---|---|---|---|")
+    for (label, group), values in spread.items():
+        s0 = test_run["slopes"][label][group]
+        print(f"| {label} | {group} | {s0:+.3f} | {min(values):+.3f} | {max(values):+.3f} |")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,20 @@ from .errors import ConfigError, SmupError
 
 # Coordinate-check LRs at which the base model trains stably for a few steps
 # (3e-3 for every normalized optimizer; SGD needs a raw-gradient LR).
-COORD_LR = {"sgd": 0.1, "muon": 0.02}
-DEFAULT_COORD_LR = 3e-3
+# Coordinate-check base LRs, per optimizer, chosen by measurement (docs/measurements.md):
+# small enough that 5 steps stay near the linear regime where slopes measure scaling (sign-
+# like updates of 3e-3 move σ_b = 0.02 weights by up to 75% and the μP slopes then spread
+# by ±0.2 across seeds), large enough for LAMB's relative (η·RMS(W)) steps to move the head.
+COORD_LR = {
+    "sgd": 0.1,
+    "muon": 0.02,
+    "lamb": 1e-2,
+    "adopt": 3e-3,
+    "shampoo": 3e-3,
+    "soap": 3e-3,
+}
+DEFAULT_COORD_LR = 1e-3
+COORD_ADAM_LR = 3e-3  # Muon's AdamW part
 
 
 def _ints(text: str) -> list[int]:
@@ -208,7 +220,7 @@ def _coord_check(args: argparse.Namespace) -> int:
     spec = get_spec(args.optimizer)
     optimizer_kwargs = {}
     if "adam_lr" in spec.defaults:
-        optimizer_kwargs["adam_lr"] = args.adam_lr or DEFAULT_COORD_LR
+        optimizer_kwargs["adam_lr"] = args.adam_lr or COORD_ADAM_LR
     if args.shape_factor is not None:
         if "shape_factor" not in spec.defaults:
             raise ConfigError(f"--shape-factor applies to muon, not {args.optimizer}")
@@ -222,6 +234,8 @@ def _coord_check(args: argparse.Namespace) -> int:
         if key not in spec.defaults:
             raise ConfigError(f"--opt {key} is not an option of {args.optimizer}")
         optimizer_kwargs[key] = value
+    if "hessian_interval" in spec.defaults:  # Sophia: estimate h every step of a short check
+        optimizer_kwargs.setdefault("hessian_interval", 1)
     for name in ("width", "depth", "n_heads", "steps", "seeds", "batch_size", "block_size"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")

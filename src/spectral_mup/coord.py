@@ -313,6 +313,7 @@ def gpt_coord_check(
     data: str | None = None,
     optimizer_kwargs: Mapping[str, Any] | None = None,
     zero_init_readout: bool = False,
+    split_terms: Sequence[str] | None = None,
     progress: bool = False,
 ) -> CoordReport:
     """Coordinate check of the bundled GPT on Tiny Shakespeare (or ``data``).
@@ -322,7 +323,10 @@ def gpt_coord_check(
     every row (never for an optimizer whose update follows ‖W‖, such as LAMB): the logit
     change is then ΔW·h/m, driven by the updates alone. Sophia's Hessian estimate is
     refreshed every ``hessian_interval`` steps, as in training (pass a small interval in
-    ``optimizer_kwargs`` to exercise it within a few steps).
+    ``optimizer_kwargs`` to exercise it within a few steps). ``split_terms``: the logit
+    change is also recorded as its two parts, ``logits:ΔW·x`` (the head's own update) and
+    ``logits:W₀·Δx`` (``coord_check``); default ``("logits",)``, none with a zero head
+    (whose W₀·Δx is 0).
 
     ``axis="width"``: ``sizes`` are widths at fixed ``depth``, base width = smallest width.
     ``axis="depth"``: ``sizes`` are depths at fixed ``width``, base depth = smallest depth.
@@ -337,6 +341,8 @@ def gpt_coord_check(
     batches = [dataset.get_batch("train", batch_size, block_size, gen) for _ in range(steps)]
     base = min(sizes)
     zero_readout = zero_init_readout and not rules.family_of(optimizer).follows_weight
+    if split_terms is None:
+        split_terms = () if zero_readout else ("logits",)
     params: dict[str, Parametrization] = {}
     for kind in kinds:
         for alpha in depth_alphas if kind == "mup" else (0.0,):
@@ -375,5 +381,6 @@ def gpt_coord_check(
         axis=axis,
         optimizer_kwargs=optimizer_kwargs,
         hessian=update_hessian,
+        split_terms=split_terms,
         progress=progress,
     )

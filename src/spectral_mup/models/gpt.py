@@ -5,7 +5,7 @@ tied or untied head, a fixed head count (the seed paper's 2 heads) or a fixed he
 grouped-query attention (``n_kv_heads``).
 
 μP changes three things in the forward pass (RULES.md §3–4):
-  logits       = lm_head(ln_f(x)) · readout_multiplier       (1/m under μP)
+  logits       = lm_head(ln_f(x) · readout_multiplier)       (1/m under μP)
   attention    = softmax(q·kᵀ · sqrt(d_base)/d_head)          (1/sqrt(d_head) under SP, and
                                                               under μP when d_head is fixed)
   residual     = x + m_L^-α · branch(x)
@@ -205,7 +205,9 @@ class GPT(nn.Module):
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.blocks:
             x = block(x)
-        return self.lm_head(self.ln_f(x)) * self.readout_multiplier
+        # the readout multiplier scales the head's input (= its output: the head has no bias),
+        # so the head module's output is the logits (coordinate checks tap it)
+        return self.lm_head(self.ln_f(x) * self.readout_multiplier)
 
     def coord_taps(self) -> dict[str, nn.Module]:
         """Layer groups for coordinate checks: the module whose output is recorded."""
@@ -214,7 +216,7 @@ class GPT(nn.Module):
             taps[f"block{i}.attn"] = block.attn
             taps[f"block{i}.mlp"] = block.mlp
         taps["residual"] = self.blocks[-1]
-        taps["logits"] = self
+        taps["logits"] = self.lm_head
         return taps
 
     def num_params(self) -> int:
