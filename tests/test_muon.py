@@ -328,3 +328,29 @@ def test_rejects_vector_in_muon_group():
     with pytest.raises(ValueError, match=r"split sizes \(4, 2\) do not add up to 7 rows"):
         Muon([{"params": [torch.nn.Parameter(torch.zeros(7, 4))], "split": (4, 2)}])
     Muon([{"params": [torch.nn.Parameter(torch.zeros(8))], "aux": True}])  # accepted
+
+
+def test_state_dict_from_before_transposed_and_split_keys_still_steps():
+    """A checkpoint written before groups had ``transposed``/``split`` resumes (torch's
+    load_state_dict takes the saved groups as they are)."""
+    w = torch.nn.Parameter(torch.randn(8, 4))
+    opt = Muon([w], lr=0.1)
+    sd = opt.state_dict()
+    for group in sd["param_groups"]:
+        del group["transposed"], group["split"]
+    fresh = Muon([w], lr=0.1)
+    fresh.load_state_dict(sd)
+    w.grad = torch.randn(8, 4)
+    fresh.step()
+
+
+def test_compiled_model_keeps_the_fused_qkv_split():
+    """``smup_splits`` patterns name the unwrapped model's parameters; torch.compile's
+    ``_orig_mod.`` prefix must not merge q, k and v into one block."""
+    p = spectral_mup.Parametrization(kind="mup", base_width=32)
+    cfg = GPTConfig(width=64, n_heads=4, n_kv_heads=2, block_size=8, vocab_size=20)
+    compiled = torch.compile(GPT(cfg, p))
+    opt = spectral_mup.build_optimizer("muon", compiled, p, lr=0.02)
+    splits = {n: g["split"] for g in opt.param_groups for n in g["names"]}
+    assert splits["blocks.0.attn.c_attn.weight"] == (64, 32, 32)
+    assert splits["blocks.0.attn.c_proj.weight"] == 1

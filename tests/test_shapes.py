@@ -83,7 +83,7 @@ class TinyGPT2(nn.Module):
     def __init__(self, width, depth=2, vocab=GPT2_VOCAB, head_dim=16, block=64, p=None):
         super().__init__()
         p = p or Parametrization(kind="sp")
-        scale = p.attention_scale(head_dim, head_dim)  # d_head is the base model's too
+        scale = p.attention_scale(head_dim, d_head_base=head_dim)  # d_head is the base model's too
         self.wte, self.wpe = nn.Embedding(vocab, width), nn.Embedding(block, width)
         self.h = nn.ModuleList(Block(width, head_dim, scale) for _ in range(depth))
         self.ln_f = nn.LayerNorm(width)
@@ -277,8 +277,10 @@ def test_attention_scale_follows_the_base_models_head_size():
     fixed_size = GPT(GPTConfig(width=256, n_heads=16, head_dim=16, block_size=8), p)
     assert fixed_size.blocks[0].attn.n_heads == 16
     assert fixed_size.blocks[0].attn.scale == pytest.approx(1 / 4)
-    assert p.attention_scale(16, 16) == pytest.approx(1 / 4)
-    assert Parametrization(kind="sp").attention_scale(128, 32) == pytest.approx(1 / math.sqrt(128))
+    assert p.attention_scale(16, d_head_base=16) == pytest.approx(1 / 4)
+    assert Parametrization(kind="sp").attention_scale(128, d_head_base=32) == pytest.approx(
+        1 / math.sqrt(128)
+    )
     cfg = GPTConfig(width=256, n_heads=16, head_dim=16, n_kv_heads=4).resized(64, 3)
     assert (cfg.n_heads, cfg.kv_heads, cfg.d_head, cfg.depth) == (4, 1, 16, 3)
     with pytest.raises(ConfigError, match=r"means 8 heads, not model\.n_heads 2"):

@@ -178,7 +178,7 @@ def coord_check(
             as in training; required for such an optimizer, which would otherwise run as
             sign-momentum.
         split_terms: groups whose tap is a Linear/Conv1D layer (e.g. the readout): their
-            change y_t − y_0 = ΔW·x_t + W₀·Δx is also recorded term by term, as groups
+            change y_t − y_0 = ΔW·x_t + W₀·Δx (+ Δbias) is also recorded term by term, as groups
             ``"G:ΔW·x"`` (the layer's own update, what its rule is about) and ``"G:W₀·Δx"``
             (the change of its input seen through the initial weights; for a readout under
             μP it vanishes as 1/sqrt(m), so at small widths it can dominate the total).

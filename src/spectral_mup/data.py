@@ -509,7 +509,10 @@ def prepare_bin(dataset: Dataset, out_dir: str | Path) -> Path:
                 f"the {name} split of {dataset.source or 'the dataset'} holds token ids "
                 f"outside [0, {dataset.vocab_size}); fix the dataset's vocab_size"
             )
-    target = out.resolve()  # "." or a symlink: replace the directory it names
+    target = out.resolve()  # a symlink: replace the directory it names
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise DataError(f"{out} is the working directory (or holds it); pass a subdirectory")
     if target.exists() and not target.is_dir():
         raise DataError(f"{out} is a file; pass a directory for the token data")
     if target.is_dir():

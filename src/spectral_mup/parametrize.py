@@ -92,7 +92,7 @@ class Parametrization:
     def branch_multiplier(self, depth: int) -> float:
         return rules.branch_multiplier(self.depth_mult(depth), self.depth_alpha)
 
-    def attention_scale(self, d_head: int, d_head_base: int) -> float:
+    def attention_scale(self, d_head: int, *, d_head_base: int) -> float:
         """Attention-logit scale for heads of size ``d_head`` whose size in the base model is
         ``d_head_base`` — ``base_width // n_heads`` when the head count is fixed, ``d_head``
         itself when heads are added at a fixed size (GPT-2, Llama), which leaves SP's
@@ -202,7 +202,8 @@ def parametrize(
     scales the input of every readout layer (a tied head included) by the readout multiplier
     with a forward pre-hook, and (``init=True``) re-initializes the weights. Attention
     scaling and residual branch multipliers are forward-pass changes the model must make
-    itself: use ``p.attention_scale(d_head, d_head_base)`` and ``p.branch_multiplier(depth)``.
+    itself: use ``p.attention_scale(d_head, d_head_base=...)`` and
+    ``p.branch_multiplier(depth)``.
     ``layouts`` names how custom layers store their weights (``roles.infer_roles``).
     """
     if getattr(model, "smup_native", False):
@@ -230,11 +231,12 @@ def parametrize(
         mod_name, _, p_name = name.rpartition(".")
         module = modules.get(mod_name) or modules.get(_wrapped_name(modules, mod_name))
         if p_name != "weight" or not (
-            isinstance(module, nn.Linear) or _is_transposed_linear(module)
+            isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)
+            or _is_transposed_linear(module)
         ):
             raise ConfigError(
-                f"readout {name!r} is not the weight of a Linear/Conv1D, so its input cannot be "
-                "scaled by a hook: wrap it in an nn.Linear, or build the Parametrization with "
+                f"readout {name!r} is not the weight of a Linear/Conv/Conv1D, so its input cannot "
+                "be scaled by a hook: wrap it in an nn.Linear, or build the Parametrization with "
                 "readout='init' (no forward multiplier)"
             )
         model._smup_hooks.append(module.register_forward_pre_hook(_scale_input(c)))
@@ -332,7 +334,8 @@ def param_groups(
             if p.is_mup and p.wd_width_scaling == "inverse":
                 width_factor = 1.0 / info.width_mult
             wd = rules.independent_weight_decay(fam, lam, group_lr, width_factor)
-        split = next((k for pat, k in (splits or {}).items() if fnmatch.fnmatchcase(name, pat)), 1)
+        cname = canonical_name(name)  # patterns name the unwrapped model's parameters
+        split = next((k for pat, k in (splits or {}).items() if fnmatch.fnmatchcase(cname, pat)), 1)
         key = (info.role, info.in_block, group_lr, wd, s.eps, is_aux, split, info.transposed)
         if key not in groups:
             groups[key] = {

@@ -119,6 +119,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(self.sizes, dim=2)
         q = q.view(b, t, self.n_heads, self.d_head).transpose(1, 2)
         k, v = (z.view(b, t, self.n_kv, self.d_head).transpose(1, 2) for z in (k, v))
+        if self.n_kv != self.n_heads:  # each key/value head serves a group of query heads
+            group = self.n_heads // self.n_kv
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -126,7 +129,6 @@ class CausalSelfAttention(nn.Module):
             is_causal=True,
             scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv != self.n_heads,
         )
         return self.c_proj(y.transpose(1, 2).reshape(b, t, c))
 
@@ -169,7 +171,7 @@ class GPT(nn.Module):
         if config.tie_weights:
             check_tied({"wte.weight": ParamRole("input", tied_readout="lm_head")}, p)
         self.config, self.p = config, p
-        attn_scale = p.attention_scale(config.d_head, base.d_head)
+        attn_scale = p.attention_scale(config.d_head, d_head_base=base.d_head)
         self.readout_multiplier = p.readout_multiplier(config.width)
         self.wte = nn.Embedding(config.vocab_size, config.width)
         self.wpe = nn.Embedding(config.block_size, config.width)

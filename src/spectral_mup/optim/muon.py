@@ -70,17 +70,12 @@ def _iterate(
 
 def _logical(t: torch.Tensor, group: dict) -> torch.Tensor:
     """The (fan_out, fan_in) operator a weight (or its update) stands for."""
-    return t.mT if group["transposed"] else t.reshape(t.size(0), -1)
-
-
-def _stored(matrix: torch.Tensor, p: torch.Tensor, group: dict) -> torch.Tensor:
-    """``_logical``'s inverse: back to the parameter's storage layout."""
-    return (matrix.mT if group["transposed"] else matrix).reshape(p.shape)
+    return t.mT if group.get("transposed", False) else t.reshape(t.size(0), -1)
 
 
 def _row_sizes(group: dict, rows: int) -> list[int]:
     """Row sizes of a matrix's logical sub-blocks (``split``: a count or the sizes)."""
-    split = group["split"]
+    split = group.get("split", 1)  # groups loaded from older checkpoints lack the key
     if isinstance(split, int):
         if rows % split:
             raise ValueError(f"Muon: {rows} rows do not split into {split} equal blocks")
@@ -143,7 +138,7 @@ class Muon(Optimizer):
         group = self.param_groups[-1]
         if not group["aux"]:
             for p in group["params"]:
-                if p.ndim < 2 or (group["transposed"] and p.ndim != 2):
+                if p.ndim < 2 or (group.get("transposed", False) and p.ndim != 2):
                     raise ValueError(
                         f"Muon needs matrices; got shape {tuple(p.shape)} "
                         "(route it to the AdamW part: aux=True)"
@@ -153,7 +148,7 @@ class Muon(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         loss = run_closure(closure)
-        pending = []  # (group, param, blocks of the update)
+        pending = []  # (group, param, first row, one logical block of the update)
         for group in self.param_groups:
             if group["aux"]:
                 self._adamw(group)
@@ -171,25 +166,24 @@ class Muon(Optimizer):
                 buf.lerp_(p.grad, 1 - mu)
                 update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
                 matrix = _logical(update, group)
-                for block in matrix.split(_row_sizes(group, matrix.size(0))):
-                    pending.append((group, p, block))
-        done = defaultdict(list)  # param → its orthogonalized, scaled blocks in row order
-        for group, p, ortho in self._orthogonalize(pending):
+                row = 0
+                for size in _row_sizes(group, matrix.size(0)):
+                    pending.append((group, p, row, matrix[row : row + size]))
+                    row += size
+        for group, p, row, ortho in self._orthogonalize(pending):
+            if row == 0:
+                p.mul_(1 - group["lr"] * group["weight_decay"])
             rows, cols = ortho.shape
-            done[p].append(ortho * SHAPE_FACTORS[group["shape_factor"]](cols, rows))
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p in done:
-                    blocks = done.pop(p)
-                    update = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                    p.add_(_stored(update, p, group), alpha=-group["lr"])
+            factor = SHAPE_FACTORS[group["shape_factor"]](cols, rows)
+            # the block's rows of the (fan_out, fan_in) view of p, written in place
+            view = p.mT if group.get("transposed", False) else p.view(p.size(0), -1)
+            view[row : row + rows].add_(ortho, alpha=-group["lr"] * factor)
         return loss
 
     def _orthogonalize(self, pending):
         """NS5 on every block, batched over blocks of the same shape, dtype and settings."""
         batches = defaultdict(list)
-        for i, (group, p, block) in enumerate(pending):
+        for i, (group, p, _, block) in enumerate(pending):
             dtype = self.ns_dtype or (torch.float32 if p.device.type == "cpu" else torch.bfloat16)
             key = (
                 tuple(block.shape),
@@ -203,11 +197,11 @@ class Muon(Optimizer):
             batches[key].append(i)
         results = [None] * len(pending)
         for (_, _, _, dtype, steps, coeffs, eps), members in batches.items():
-            stacked = torch.stack([pending[i][2].to(dtype) for i in members])
+            stacked = torch.stack([pending[i][3].to(dtype) for i in members])
             ortho = newton_schulz(stacked, steps, coeffs, eps, dtype)
             for j, i in enumerate(members):
                 results[i] = ortho[j]
-        return [(group, p, results[i]) for i, (group, p, _) in enumerate(pending)]
+        return [(g, p, row, results[i]) for i, (g, p, row, _) in enumerate(pending)]
 
     def _adamw(self, group: dict) -> None:
         beta1, beta2 = group["betas"]
