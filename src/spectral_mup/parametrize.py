@@ -16,7 +16,7 @@ from torch import nn
 
 from . import rules
 from .errors import ConfigError
-from .roles import ParamRole, canonical_name, infer_roles
+from .roles import ParamRole, canonical_name, infer_roles, module_layout
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.RMSNorm)
 
@@ -230,10 +230,7 @@ def parametrize(
             continue
         mod_name, _, p_name = name.rpartition(".")
         module = modules.get(mod_name) or modules.get(_wrapped_name(modules, mod_name))
-        if p_name != "weight" or not (
-            isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)
-            or _is_transposed_linear(module)
-        ):
+        if p_name != "weight" or module_layout(module, "weight") not in ("linear", "transposed"):
             raise ConfigError(
                 f"readout {name!r} is not the weight of a Linear/Conv/Conv1D, so its input cannot "
                 "be scaled by a hook: wrap it in an nn.Linear, or build the Parametrization with "
@@ -264,10 +261,6 @@ def check_tied(roles: dict[str, ParamRole], p: Parametrization) -> None:
 def _wrapped_name(modules: dict[str, nn.Module], name: str) -> str:
     """The module name under a wrapper prefix (``_orig_mod.``, ``module.``) if present."""
     return next((n for n in modules if canonical_name(n) == name), name)
-
-
-def _is_transposed_linear(module: nn.Module | None) -> bool:
-    return module is not None and type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 def _scale_input(c: float):
