@@ -133,7 +133,10 @@ def test_train_width_not_divisible_by_heads(capsys, cfg_file, out_dir) -> None:
 
 def test_coord_check_width_not_divisible_by_heads(capsys, tmp_path) -> None:
     msg = coord_fail(capsys, tmp_path, "--widths", "30,64", "--n-heads", "4")
-    assert msg == "smup: error: width 30 is not divisible by --n-heads 4"
+    assert msg == (
+        "smup: error: model.width 30 is not divisible by model.n_heads 4; "
+        "pick a width that is a multiple of n_heads"
+    )
 
 
 @pytest.mark.parametrize("flag", ["--widths", "--depths"])
@@ -171,7 +174,6 @@ def test_coord_check_non_positive_width(capsys, tmp_path) -> None:
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "expected positive integers, got '0'" in err
-    assert not (tmp_path / "coord").exists()
 
 
 def test_coord_check_non_positive_steps(capsys, tmp_path) -> None:
@@ -333,3 +335,11 @@ def test_subprocess_exit_status(cfg_file: Path, out_dir: Path) -> None:
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("smup: error: unknown config key 'train.lrr'")
     assert not out_dir.exists()
+
+
+def test_coord_check_bad_model_option(capsys, tmp_path) -> None:
+    msg = coord_fail(capsys, tmp_path, "--arch", "llama", "--model", "mlp_ratio=4")
+    assert msg.startswith("smup: error: --model needs KEY=VALUE with KEY one of: n_heads,")
+    assert "ffn_ratio" in msg and "mlp_ratio" not in msg.split("got")[0]
+    msg = coord_fail(capsys, tmp_path, "--arch", "mamba")
+    assert msg == "smup: error: model.arch must be one of gpt, llama, got 'mamba'"

@@ -17,7 +17,7 @@ from torch import nn
 
 from spectral_mup import Parametrization
 from spectral_mup.cli import COORD_ADAM_LR, COORD_LR, DEFAULT_COORD_LR, main
-from spectral_mup.coord import coord_check, gpt_coord_check
+from spectral_mup.coord import coord_check, model_coord_check
 
 WIDTHS = (64, 128, 256, 512)
 HIDDEN = ("block0.attn", "block0.mlp", "block1.attn", "block1.mlp", "residual")
@@ -50,7 +50,7 @@ def mean_hidden(slopes: dict[str, float]) -> float:
 
 @pytest.fixture(scope="module")
 def adamw_width():
-    return gpt_coord_check(sizes=WIDTHS, optimizer="adamw", lr=lr_of("adamw"), seeds=(0, 1, 2))
+    return model_coord_check(sizes=WIDTHS, optimizer="adamw", lr=lr_of("adamw"), seeds=(0, 1, 2))
 
 
 def test_adamw_mup_is_flat_in_width(adamw_width):
@@ -78,21 +78,21 @@ def test_adamw_sp_grows_in_width(adamw_width):
 
 def test_adamw_zero_head_protocol_is_flat_too():
     """The zero-head protocol (both rows; lr 3e-3): μP −0.04…+0.11, SP hidden ≥ 1.45."""
-    report = gpt_coord_check(
+    report = model_coord_check(
         sizes=WIDTHS, optimizer="adamw", lr=3e-3, zero_init_readout=True, seeds=(0, 1, 2)
     )
     assert_mup_flat_sp_grows(report, (*HIDDEN, "logits"))
 
 
 def test_sgd_mup_is_flat_in_width():
-    report = gpt_coord_check(
+    report = model_coord_check(
         sizes=WIDTHS, optimizer="sgd", lr=COORD_LR["sgd"], seeds=(0, 1, 2), split_terms=()
     )
     assert_mup_flat_sp_grows(report, HIDDEN)
 
 
 def test_depth_alpha_one_is_flat_and_alpha_zero_grows():
-    report = gpt_coord_check(
+    report = model_coord_check(
         axis="depth",
         sizes=(2, 4, 8, 16),
         kinds=("mup",),
@@ -195,7 +195,7 @@ def test_seed_paper_optimizers_mup_flat_sp_grows(optimizer):
     """Sophia refreshes its Hessian estimate every step here (interval 1), so the check
     measures Sophia rather than its first steps' sign-momentum."""
     kwargs = {"hessian_interval": 1} if optimizer == "sophia" else {}
-    report = gpt_coord_check(
+    report = model_coord_check(
         sizes=WIDTHS,
         optimizer=optimizer,
         lr=lr_of(optimizer),
@@ -216,19 +216,19 @@ def test_lamb_with_the_seed_papers_constant_lr_is_not_flat(monkeypatch):
     from spectral_mup import rules
 
     kwargs = dict(sizes=WIDTHS, kinds=("mup",), optimizer="lamb", lr=3e-3, seeds=(0, 1, 2))
-    ours = mean_hidden(gpt_coord_check(**kwargs).slopes()["mup"])
+    ours = mean_hidden(model_coord_check(**kwargs).slopes()["mup"])
     paper = dataclasses.replace(
         rules.FAMILIES["trust_ratio"], norm=lambda fi, fo, c, r: math.sqrt(fo / fi)
     )
     monkeypatch.setitem(rules.FAMILIES, "trust_ratio", paper)
-    constant = mean_hidden(gpt_coord_check(**kwargs).slopes()["mup"])
+    constant = mean_hidden(model_coord_check(**kwargs).slopes()["mup"])
     assert constant - ours >= 0.12 and constant >= 0.12, (constant, ours)
 
 
 def test_muon_spectral_factor_mup_flat_sp_grows():
     """Muon on hidden matrices (shape factor sqrt(fan_out/fan_in), lr 0.02), AdamW rules on
     the rest (adam_lr 3e-3)."""
-    report = gpt_coord_check(
+    report = model_coord_check(
         sizes=WIDTHS,
         optimizer="muon",
         lr=0.02,
@@ -240,7 +240,7 @@ def test_muon_spectral_factor_mup_flat_sp_grows():
 
 
 def test_spectral_normalized_adamw_mup_flat_sp_grows():
-    report = gpt_coord_check(
+    report = model_coord_check(
         sizes=WIDTHS,
         optimizer="adamw",
         lr=3e-3,
@@ -254,7 +254,7 @@ def test_shampoo_unblocked_mup_flat():
     """Shampoo e = 1/4, summed factors, no blocking or grafting: the orthogonalized family on
     every matrix. Widths 64→256 here (width 512 needs 2048×2048 eigendecompositions; the
     full protocol gives max |slope| 0.05, docs/measurements.md)."""
-    report = gpt_coord_check(
+    report = model_coord_check(
         sizes=WIDTHS[:3], optimizer="shampoo", lr=lr_of("shampoo"), seeds=(0, 1, 2)
     )
     # SP: block0.attn +0.19…+0.24 and logits +0.54…+0.60 grow too little to bound
@@ -271,11 +271,11 @@ def test_adam_grafted_shampoo_unblocked_flat_with_the_grafted_rule_not_with_adam
 
     kwargs = dict(sizes=WIDTHS[:3], kinds=("mup",), optimizer="shampoo", seeds=(0, 1, 2))
     kwargs.update(lr=lr_of("shampoo"), optimizer_kwargs={"grafting": "adam"}, split_terms=())
-    grafted = gpt_coord_check(**kwargs).slopes()["mup"]
+    grafted = model_coord_check(**kwargs).slopes()["mup"]
     assert abs(mean_hidden(grafted)) <= 0.17, grafted
     assert all(abs(grafted[g]) <= 0.3 for g in HIDDEN), grafted
     monkeypatch.setattr(rules, "grafted_family", lambda block_size: rules.FAMILIES["entrywise"])
-    adamw_rule = gpt_coord_check(**kwargs).slopes()["mup"]
+    adamw_rule = model_coord_check(**kwargs).slopes()["mup"]
     assert mean_hidden(adamw_rule) <= -0.28, adamw_rule
     assert mean_hidden(grafted) - mean_hidden(adamw_rule) >= 0.18, (grafted, adamw_rule)
 
@@ -288,11 +288,11 @@ def test_soap_unblocked_flat_with_adamws_rule_not_with_the_orthogonalized_one(mo
 
     kwargs = dict(sizes=WIDTHS, kinds=("mup",), optimizer="soap", seeds=(0, 1, 2))
     kwargs.update(lr=3e-3, optimizer_kwargs={"block_size": 0}, split_terms=())
-    adamw_rule = gpt_coord_check(**kwargs).slopes()["mup"]
+    adamw_rule = model_coord_check(**kwargs).slopes()["mup"]
     assert abs(mean_hidden(adamw_rule)) <= 0.2, adamw_rule
     assert all(abs(s) <= 0.3 for s in adamw_rule.values()), adamw_rule
     monkeypatch.setattr(rules, "soap_family", lambda b: rules.FAMILIES["orthogonalized"])
-    orthogonalized = gpt_coord_check(**kwargs).slopes()["mup"]
+    orthogonalized = model_coord_check(**kwargs).slopes()["mup"]
     assert mean_hidden(orthogonalized) - mean_hidden(adamw_rule) >= 1.0, orthogonalized
 
 
@@ -310,7 +310,7 @@ def test_blocked_kronecker_optimizers_mup_flat_sp_grows(optimizer, options, spli
     formula (a matrix smaller than a block is one block), or AdamW rules under Adam grafting.
     Without blocks, Adam-grafted Shampoo drifts to −0.46 and SOAP (orthogonalized rule) to
     +1.3 (docs/measurements.md)."""
-    report = gpt_coord_check(
+    report = model_coord_check(
         sizes=WIDTHS,
         optimizer=optimizer,
         lr=3e-3,
@@ -337,9 +337,9 @@ def test_rows_compare_like_with_like(monkeypatch):
 
     monkeypatch.setattr(C, "coord_check", spy)
     small = dict(sizes=(32, 64), steps=1, seeds=(0,), batch_size=2, block_size=16)
-    C.gpt_coord_check(**small)
-    C.gpt_coord_check(zero_init_readout=True, **small)
-    C.gpt_coord_check(optimizer="lamb", zero_init_readout=True, **small)  # ‖W‖-following
+    C.model_coord_check(**small)
+    C.model_coord_check(zero_init_readout=True, **small)
+    C.model_coord_check(optimizer="lamb", zero_init_readout=True, **small)  # ‖W‖-following
     default, zero = {"sp": False, "mup": False}, {"sp": True, "mup": True}
     assert seen == [default, zero, default]
 
@@ -358,7 +358,7 @@ def test_sophia_coord_check_runs_the_hessian_estimator(monkeypatch):
 
     monkeypatch.setattr(SophiaG, "update_hessian", counted)
     small = dict(sizes=(32, 64), steps=4, seeds=(0,), batch_size=2, block_size=16, kinds=("mup",))
-    gpt_coord_check(optimizer="sophia", optimizer_kwargs={"hessian_interval": 2}, **small)
+    model_coord_check(optimizer="sophia", optimizer_kwargs={"hessian_interval": 2}, **small)
     assert len(calls) == 2 * 2  # two sizes × steps 2 and 4
 
     def build(width, p):

@@ -89,6 +89,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="an optimizer option (an [optim] key), e.g. --opt block_size=128 --opt grafting=adam",
     )
+    cc.add_argument("--arch", default="gpt", help="bundled model: gpt | llama")
+    cc.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a [model] key of --arch at the smallest size, e.g. --model n_kv_heads=1 "
+        "--model fused=true (head_dim=16: heads added with width)",
+    )
     cc.add_argument("--param", type=_kinds, default=["sp", "mup"], help="sp,mup")
     cc.add_argument("--widths", type=_ints, default=None, help="e.g. 64,128,256,512")
     cc.add_argument(
@@ -212,8 +221,8 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _coord_check(args: argparse.Namespace) -> int:
-    from .config import optimizer_option
-    from .coord import gpt_coord_check
+    from .config import model_option, optimizer_option
+    from .coord import model_coord_check
     from .fileio import write_json
     from .optim import get_spec
 
@@ -242,6 +251,8 @@ def _coord_check(args: argparse.Namespace) -> int:
     lr = args.lr if args.lr is not None else COORD_LR.get(args.optimizer.lower(), DEFAULT_COORD_LR)
     widths = args.widths or ([] if args.depths else [64, 128, 256, 512])
     common = dict(
+        arch=args.arch,
+        model_options=dict(model_option(a, args.arch) for a in args.model),
         optimizer=args.optimizer.lower(),
         lr=lr,
         steps=args.steps,
@@ -261,13 +272,10 @@ def _coord_check(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"{flag} needs at least two different sizes to fit a slope, e.g. 64,128"
             )
-    for w in [*widths, args.width]:
-        if w % args.n_heads:
-            raise ConfigError(f"width {w} is not divisible by --n-heads {args.n_heads}")
     out = Path(args.out)
     reports = {}
     if widths:
-        reports["width"] = gpt_coord_check(
+        reports["width"] = model_coord_check(
             axis="width",
             sizes=widths,
             kinds=args.param,
@@ -275,7 +283,7 @@ def _coord_check(args: argparse.Namespace) -> int:
             **common,
         )
     if args.depths:
-        reports["depth"] = gpt_coord_check(
+        reports["depth"] = model_coord_check(
             axis="depth",
             sizes=args.depths,
             kinds=["mup"],

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .models.gpt import GPTConfig, base_config
+from .models import ARCHS, GPTConfig, config_class
+from .models.common import DecoderConfig, base_config
 from .optim import get_spec
 from .parametrize import Parametrization
 
@@ -83,7 +84,9 @@ class DataSection:
 
 @dataclass(frozen=True)
 class RunConfig:
-    model: GPTConfig = field(default_factory=lambda: GPTConfig(block_size=128))
+    # the [model] section: ``arch = "gpt"`` (default) or ``"llama"``, then that architecture's
+    # config fields (GPTConfig, LlamaConfig)
+    model: DecoderConfig = field(default_factory=lambda: GPTConfig(block_size=128))
     param: Parametrization = field(default_factory=Parametrization)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
@@ -115,7 +118,7 @@ class RunConfig:
             raise ConfigError(f"optim.weight_decay must be >= 0, got {self.optim.weight_decay}")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {
+        out = {
             f.name: {
                 k: v
                 for k, v in _plain(dataclasses.asdict(getattr(self, f.name))).items()
@@ -123,9 +126,11 @@ class RunConfig:
             }
             for f in fields(self)
         }
+        out["model"] = {"arch": self.model.arch, **out["model"]}
+        return out
 
 
-def gpt_config(model: GPTConfig, vocab_size: int) -> GPTConfig:
+def model_config(model: DecoderConfig, vocab_size: int) -> DecoderConfig:
     """The model section with the vocabulary size of the data."""
     return dataclasses.replace(model, vocab_size=vocab_size)
 
@@ -140,19 +145,41 @@ SECTIONS: dict[str, type] = {f.name: f.type for f in fields(RunConfig)}  # type:
 _SECTION_TYPES = {name: typing.get_type_hints(RunConfig)[name] for name in SECTIONS}
 
 
-def _field_types(section: str) -> dict[str, Any]:
-    hints = typing.get_type_hints(_SECTION_TYPES[section])
-    return {k: v for k, v in hints.items() if (section, k) not in _DERIVED}
+def _field_types(section: str, arch: str | None = None) -> dict[str, Any]:
+    """Key → type of one section; the [model] section's keys are ``arch`` and those of the
+    architecture ``arch`` (None: of every architecture)."""
+    if section == "model":
+        classes = [config_class(arch)] if arch is not None else [c for c, _ in ARCHS.values()]
+        types_: dict[str, Any] = {"arch": str}
+        for cls in classes:
+            hints = typing.get_type_hints(cls)
+            types_.update({f.name: hints[f.name] for f in fields(cls)})
+    else:
+        types_ = typing.get_type_hints(_SECTION_TYPES[section])
+    return {k: v for k, v in types_.items() if (section, k) not in _DERIVED}
 
 
 def optimizer_option(assignment: str) -> tuple[str, Any]:
     """``KEY=VALUE`` → (key, value typed like ``OptimSection.KEY``), e.g. ``block_size=128``."""
-    key, sep, text = assignment.partition("=")
     types_ = typing.get_type_hints(OptimSection)
-    if not sep or key not in types_ or key in ("name", "lr", "weight_decay"):
-        options = ", ".join(k for k in types_ if k not in ("name", "lr", "weight_decay"))
-        raise ConfigError(f"--opt needs KEY=VALUE with KEY one of: {options}; got {assignment!r}")
-    return key, _coerce(f"optim.{key}", text, types_[key])
+    return _typed_option("--opt", "optim", assignment, types_, ("name", "lr", "weight_decay"))
+
+
+def model_option(assignment: str, arch: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` → (key, value typed like the [model] key of ``arch``), e.g.
+    ``n_kv_heads=1``."""
+    types_ = _field_types("model", arch)
+    return _typed_option("--model", "model", assignment, types_, ("arch", "width", "depth"))
+
+
+def _typed_option(
+    flag: str, section: str, assignment: str, types_: dict[str, Any], reserved: tuple[str, ...]
+) -> tuple[str, Any]:
+    key, sep, text = assignment.partition("=")
+    if not sep or key not in types_ or key in reserved:
+        options = ", ".join(k for k in types_ if k not in reserved)
+        raise ConfigError(f"{flag} needs KEY=VALUE with KEY one of: {options}; got {assignment!r}")
+    return key, _coerce(f"{section}.{key}", text, types_[key])
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
@@ -246,17 +273,25 @@ def build_config(values: dict[str, dict[str, Any]]) -> RunConfig:
             raise ConfigError(f"unknown config section [{section}]; use {', '.join(SECTIONS)}")
         if not isinstance(items, dict):
             raise ConfigError(f"[{section}] must be a table of key = value pairs")
-        types_ = _field_types(section)
+        arch = None
+        if section == "model":
+            arch = _coerce("model.arch", items.get("arch", GPTConfig.arch), str)
+        types_ = _field_types(section, arch)
         kwargs = {}
         for key, value in items.items():
             _reject_derived(section, key)
             if key not in types_:
+                where = f"[{section}]" if arch is None else f"[model] with arch = {arch!r}"
                 raise ConfigError(
                     f"unknown config key '{section}.{key}'; valid keys in "
-                    f"[{section}]: {', '.join(types_)}"
+                    f"{where}: {', '.join(types_)}"
                 )
             kwargs[key] = _coerce(f"{section}.{key}", value, types_[key])
-        sections[section] = _SECTION_TYPES[section](**kwargs)
+        if arch is not None:
+            kwargs.pop("arch", None)
+            sections[section] = config_class(arch)(**kwargs)
+        else:
+            sections[section] = _SECTION_TYPES[section](**kwargs)
     return RunConfig(**sections)
 
 

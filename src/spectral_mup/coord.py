@@ -295,8 +295,9 @@ def _apply(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Te
     return torch.nn.functional.linear(x, weight)
 
 
-def gpt_coord_check(
+def model_coord_check(
     *,
+    arch: str = "gpt",
     axis: str = "width",
     sizes: Sequence[int] = (64, 128, 256, 512),
     kinds: Sequence[str] = ("sp", "mup"),
@@ -314,9 +315,14 @@ def gpt_coord_check(
     optimizer_kwargs: Mapping[str, Any] | None = None,
     zero_init_readout: bool = False,
     split_terms: Sequence[str] | None = None,
+    model_options: Mapping[str, Any] | None = None,
     progress: bool = False,
 ) -> CoordReport:
-    """Coordinate check of the bundled GPT on Tiny Shakespeare (or ``data``).
+    """Coordinate check of a bundled model (``arch``: ``"gpt"`` or ``"llama"``) on Tiny
+    Shakespeare (or ``data``). ``model_options``: more fields of its config (e.g.
+    ``{"n_kv_heads": 1}``, ``{"fused": True}``, ``{"head_dim": 16}``), as at the smallest
+    size; the other sizes are that config ``resized`` (so fixed-size heads are added with
+    width, key/value groups kept).
 
     Every row is built as training builds it (σ_b-initialized head), so SP and μP differ
     only in the parametrization. ``zero_init_readout=True`` is the zero-head protocol, in
@@ -333,8 +339,11 @@ def gpt_coord_check(
     One row per kind × α (the label carries α when several are given).
     """
     from .data import load_dataset
-    from .models.gpt import GPT, GPTConfig
+    from .models import build_model, config_class
     from .train import loss_fn, update_hessian
+
+    config_cls = config_class(arch)
+    options = dict(model_options or {})
 
     dataset = load_dataset(data)
     gen = torch.Generator().manual_seed(1234)
@@ -355,18 +364,22 @@ def gpt_coord_check(
                 zero_init_readout=zero_readout,
             )
 
+    # the smallest model, with ``model_options`` as given; every size is it resized
+    w0, d0 = (base, depth) if axis == "width" else (width, base)
+    if options.get("head_dim"):
+        options.setdefault("n_heads", w0 // options["head_dim"])
+    options.setdefault("n_heads", n_heads)
+    smallest = config_cls(
+        width=w0, depth=d0, vocab_size=dataset.vocab_size, block_size=block_size, **options
+    )
+
+    configs = {  # every size checked before anything trains
+        size: smallest.resized(*((size, depth) if axis == "width" else (width, size)))
+        for size in sizes
+    }
+
     def build(size: int, p: Parametrization) -> nn.Module:
-        w, d = (size, depth) if axis == "width" else (width, size)
-        return GPT(
-            GPTConfig(
-                width=w,
-                depth=d,
-                n_heads=n_heads,
-                vocab_size=dataset.vocab_size,
-                block_size=block_size,
-            ),
-            p,
-        )
+        return build_model(configs[size], p)
 
     return coord_check(
         build,

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .config import RunConfig, gpt_config
+from .config import RunConfig, model_config
 from .data import Dataset, load_dataset
 from .errors import CheckpointError
 from .fileio import save_torch, write_json
-from .models.gpt import GPT
+from .models import build_model as build_bundled
 from .optim import build_optimizer, get_spec
 
 CHECKPOINT = "checkpoint.pt"
@@ -53,8 +53,9 @@ def lr_factor(cfg: RunConfig) -> Callable[[int], float]:
     return factor
 
 
-def build_model(cfg: RunConfig, vocab_size: int) -> GPT:
-    return GPT(gpt_config(cfg.model, vocab_size), cfg.param)
+def build_model(cfg: RunConfig, vocab_size: int) -> torch.nn.Module:
+    """The run's bundled model (``model.arch``) at the data's vocabulary size."""
+    return build_bundled(model_config(cfg.model, vocab_size), cfg.param)
 
 
 def build_run_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -15,7 +15,8 @@ inferred below by comparing this model with copies at other sizes (built on ``me
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -23,85 +24,26 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..parametrize import Parametrization, check_tied, init_weights
-from ..roles import ParamRole, infer_roles
+from ..roles import ParamRole
+from .common import DecoderConfig, attend, base_config, bundled_roles, positive_int
 
 
-@dataclass(frozen=True)
-class GPTConfig:
-    """The model at one size. ``n_heads`` query heads of size width // n_heads, or, with
-    ``head_dim`` set, heads of that fixed size (n_heads = width // head_dim, so the head count
-    grows with width). ``n_kv_heads`` < ``n_heads``: grouped-query attention (each key/value
-    head serves n_heads // n_kv_heads query heads; None = n_heads)."""
+@dataclass(frozen=True, kw_only=True)
+class GPTConfig(DecoderConfig):
+    """The model at one size (the size fields, heads and key/value groups:
+    ``DecoderConfig``), with GPT-2's MLP width ratio, biases and dropout."""
 
-    width: int = 128
-    depth: int = 2
-    n_heads: int = 2
-    vocab_size: int = 65
-    block_size: int = 256
+    arch: ClassVar[str] = "gpt"
+
     mlp_ratio: int = 4
     bias: bool = True
-    tie_weights: bool = False
     dropout: float = 0.0
-    head_dim: int | None = None
-    n_kv_heads: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("width", "depth", "n_heads", "vocab_size", "block_size", "mlp_ratio"):
-            _positive_int(name, getattr(self, name))
-        for name in ("head_dim", "n_kv_heads"):
-            if getattr(self, name) is not None:
-                _positive_int(name, getattr(self, name))
-        if self.head_dim is not None and self.n_heads * self.head_dim != self.width:
-            raise ConfigError(
-                f"model.head_dim {self.head_dim} with model.width {self.width} means "
-                f"{self.width / self.head_dim:g} heads, not model.n_heads {self.n_heads}; set "
-                "n_heads = width // head_dim (GPTConfig.resized keeps them consistent)"
-            )
-        if self.width % self.n_heads:
-            raise ConfigError(
-                f"model.width {self.width} is not divisible by model.n_heads {self.n_heads}; "
-                "pick a width that is a multiple of n_heads"
-            )
-        if self.n_heads % self.kv_heads:
-            raise ConfigError(
-                f"model.n_heads {self.n_heads} is not a multiple of model.n_kv_heads "
-                f"{self.kv_heads}; each key/value head must serve a whole group of query heads"
-            )
+        super().__post_init__()
+        positive_int("mlp_ratio", self.mlp_ratio)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
-
-    @property
-    def d_head(self) -> int:
-        return self.width // self.n_heads
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
-
-    def resized(self, width: int, depth: int) -> GPTConfig:
-        """The same architecture at another width and depth: the head count is kept (or, with
-        ``head_dim``, the head size), and so is the number of query heads per key/value head."""
-        if self.head_dim is None:
-            return replace(self, width=width, depth=depth)
-        if width % self.head_dim:
-            raise ConfigError(
-                f"width {width} is not a multiple of model.head_dim {self.head_dim}; pick base "
-                "and model widths that are multiples of the head size"
-            )
-        n_heads = width // self.head_dim
-        group = self.n_heads // self.kv_heads
-        if n_heads % group:
-            raise ConfigError(
-                f"width {width} gives {n_heads} heads, not a multiple of the {group} query heads "
-                "per key/value head; pick a width with a whole number of groups"
-            )
-        n_kv = None if self.n_kv_heads is None else n_heads // group
-        return replace(self, width=width, depth=depth, n_heads=n_heads, n_kv_heads=n_kv)
-
-
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
 
 
 class CausalSelfAttention(nn.Module):
@@ -115,22 +57,12 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.width, cfg.width, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, c = x.shape
+        b, t, _ = x.shape
         q, k, v = self.c_attn(x).split(self.sizes, dim=2)
         q = q.view(b, t, self.n_heads, self.d_head).transpose(1, 2)
         k, v = (z.view(b, t, self.n_kv, self.d_head).transpose(1, 2) for z in (k, v))
-        if self.n_kv != self.n_heads:  # each key/value head serves a group of query heads
-            group = self.n_heads // self.n_kv
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            is_causal=True,
-            scale=self.scale,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
-        return self.c_proj(y.transpose(1, 2).reshape(b, t, c))
+        dropout = self.dropout if self.training else 0.0
+        return self.c_proj(attend(q, k, v, self.scale, dropout))
 
 
 class MLP(nn.Module):
@@ -225,23 +157,6 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def base_config(config: GPTConfig, p: Parametrization) -> GPTConfig:
-    """The base model's config: ``config`` at the base width and depth (itself under SP)."""
-    if not p.is_mup:
-        return config
-    try:
-        return config.resized(p.base_width, p.base_depth)
-    except ConfigError as exc:
-        raise ConfigError(f"the base model (param.base_width {p.base_width}): {exc}") from None
-
-
 def gpt_roles(config: GPTConfig, p: Parametrization) -> dict[str, ParamRole]:
-    """Roles of a GPT by comparison with copies at the base size and at a wider, deeper
-    size, all built on the meta device (no memory, no init)."""
-    base_cfg = base_config(config, p)
-    delta_cfg = config.resized(
-        2 * max(config.width, base_cfg.width), max(config.depth, base_cfg.depth) + 1
-    )
-    with torch.device("meta"):
-        model, base, delta = (GPT(c, p, _bare=True) for c in (config, base_cfg, delta_cfg))
-    return infer_roles(model, base, delta)
+    """Roles of a GPT (``bundled_roles``: built on meta at the base and a wider, deeper size)."""
+    return bundled_roles(GPT, config, p)

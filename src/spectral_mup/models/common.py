@@ -1,0 +1,131 @@
+"""What the bundled decoders share: the size fields and their rules (heads, key/value groups,
+resizing to another width and depth), the attention core, and role inference by building the
+model on the ``meta`` device at the base size and at a wider, deeper size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from ..parametrize import Parametrization
+from ..roles import ParamRole, infer_roles
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecoderConfig:
+    """One size of a decoder. ``n_heads`` query heads of size width // n_heads, or, with
+    ``head_dim`` set, heads of that fixed size (n_heads = width // head_dim, so the head count
+    grows with width). ``n_kv_heads`` < ``n_heads``: grouped-query attention (each key/value
+    head serves n_heads // n_kv_heads query heads; None = n_heads)."""
+
+    arch: ClassVar[str]
+
+    width: int = 128
+    depth: int = 2
+    n_heads: int = 2
+    vocab_size: int = 65
+    block_size: int = 256
+    tie_weights: bool = False
+    head_dim: int | None = None
+    n_kv_heads: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("width", "depth", "n_heads", "vocab_size", "block_size"):
+            positive_int(name, getattr(self, name))
+        for name in ("head_dim", "n_kv_heads"):
+            if getattr(self, name) is not None:
+                positive_int(name, getattr(self, name))
+        if self.head_dim is not None and self.n_heads * self.head_dim != self.width:
+            raise ConfigError(
+                f"model.head_dim {self.head_dim} with model.width {self.width} means "
+                f"{self.width / self.head_dim:g} heads, not model.n_heads {self.n_heads}; set "
+                "n_heads = width // head_dim (the config's resized() keeps them consistent)"
+            )
+        if self.width % self.n_heads:
+            raise ConfigError(
+                f"model.width {self.width} is not divisible by model.n_heads {self.n_heads}; "
+                "pick a width that is a multiple of n_heads"
+            )
+        if self.n_heads % self.kv_heads:
+            raise ConfigError(
+                f"model.n_heads {self.n_heads} is not a multiple of model.n_kv_heads "
+                f"{self.kv_heads}; each key/value head must serve a whole group of query heads"
+            )
+
+    @property
+    def d_head(self) -> int:
+        return self.width // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    def resized(self, width: int, depth: int):
+        """The same architecture at another width and depth: the head count is kept (or, with
+        ``head_dim``, the head size), and so is the number of query heads per key/value head."""
+        if self.head_dim is None:
+            return replace(self, width=width, depth=depth)
+        if width % self.head_dim:
+            raise ConfigError(
+                f"width {width} is not a multiple of model.head_dim {self.head_dim}; pick base "
+                "and model widths that are multiples of the head size"
+            )
+        n_heads = width // self.head_dim
+        group = self.n_heads // self.kv_heads
+        if n_heads % group:
+            raise ConfigError(
+                f"width {width} gives {n_heads} heads, not a multiple of the {group} query heads "
+                "per key/value head; pick a width with a whole number of groups"
+            )
+        n_kv = None if self.n_kv_heads is None else n_heads // group
+        return replace(self, width=width, depth=depth, n_heads=n_heads, n_kv_heads=n_kv)
+
+
+def positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Causal attention of ``q`` (B, heads, T, d) over ``k``, ``v`` (B, kv_heads, T, d): each
+    key/value head serves a group of consecutive query heads. Returns (B, T, heads·d)."""
+    b, h, t, d = q.shape
+    if k.shape[1] != h:
+        group = h // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout)
+    return y.transpose(1, 2).reshape(b, t, h * d)
+
+
+def base_config(config: DecoderConfig, p: Parametrization) -> DecoderConfig:
+    """The base model's config: ``config`` at the base width and depth (itself under SP)."""
+    if not p.is_mup:
+        return config
+    try:
+        return config.resized(p.base_width, p.base_depth)
+    except ConfigError as exc:
+        raise ConfigError(f"the base model (param.base_width {p.base_width}): {exc}") from None
+
+
+def bundled_roles(cls: type[nn.Module], config: DecoderConfig, p: Parametrization):
+    """Roles of a bundled model by comparison with copies at the base size and at a wider,
+    deeper size, all built on the meta device (no memory, no init)."""
+    base_cfg = base_config(config, p)
+    delta_cfg = config.resized(
+        2 * max(config.width, base_cfg.width), max(config.depth, base_cfg.depth) + 1
+    )
+    with torch.device("meta"):
+        model, base, delta = (cls(c, p, _bare=True) for c in (config, base_cfg, delta_cfg))
+    roles: dict[str, ParamRole] = infer_roles(model, base, delta)
+    return roles
