@@ -10,6 +10,13 @@ the min…max over all (seed set, threads) runs. Results are cached (one JSON li
 
     SMUP_DATA_DIR=../shared/data python benchmarks/coord_spread.py                 # all
     SMUP_DATA_DIR=../shared/data python benchmarks/coord_spread.py --only adamw,lamb
+
+The Llama checks (``llama-*``: every optimizer at widths 64→512, the CLI's base LRs, and a
+depth check) are the table of docs/measurements.md; their first seed set is the measurement
+the docs quote (``--seed-sets 1 --threads 2``), the others the spread:
+
+    SMUP_DATA_DIR=../shared/data python benchmarks/coord_spread.py --only-prefix llama- \
+        --seed-sets 1 --threads 2
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ from pathlib import Path
 import torch
 
 from spectral_mup import rules
-from spectral_mup.coord import gpt_coord_check
+from spectral_mup.cli import COORD_ADAM_LR, COORD_LR, DEFAULT_COORD_LR
+from spectral_mup.coord import model_coord_check
 
 W = (64, 128, 256, 512)
 LR = 3e-3  # AdamW-like LR of the preconditioned optimizers' checks; see cli.COORD_LR
@@ -33,7 +41,7 @@ def _width(optimizer, lr=LR, sizes=W, kinds=("sp", "mup"), **kw):
     return dict(sizes=sizes, optimizer=optimizer, lr=lr, kinds=kinds, **kw)
 
 
-# name → gpt_coord_check arguments (seeds added per run); "patch" names a rule swap (the
+# name → model_coord_check arguments (seeds added per run); "patch" names a rule swap (the
 # negative controls of test_coord.py)
 CHECKS = {
     "adamw": _width("adamw", lr=1e-3),
@@ -75,6 +83,42 @@ CHECKS = {
         "shampoo", optimizer_kwargs={"block_size": 128, "grafting": "adam"}
     ),
 }
+
+
+def _llama(optimizer: str, **optimizer_kwargs) -> dict:
+    """The Llama model at widths 64→512 with the CLI's base LR for ``optimizer``."""
+    if optimizer == "muon":
+        optimizer_kwargs["adam_lr"] = COORD_ADAM_LR
+    if optimizer == "sophia":
+        optimizer_kwargs["hessian_interval"] = 1
+    lr = COORD_LR.get(optimizer, DEFAULT_COORD_LR)
+    return _width(optimizer, lr=lr, arch="llama", optimizer_kwargs=optimizer_kwargs)
+
+
+CHECKS.update(
+    {
+        "llama-adamw": _llama("adamw"),
+        "llama-adopt": _llama("adopt"),
+        "llama-lamb": _llama("lamb"),
+        "llama-sophia": _llama("sophia"),
+        "llama-lion": _llama("lion"),
+        "llama-sgd": _llama("sgd"),
+        "llama-muon": _llama("muon"),
+        "llama-shampoo": _llama("shampoo"),
+        "llama-soap": _llama("soap"),
+        "llama-spectral-adamw": _llama("adamw", spectral_normalize=True),
+        "llama-depth": dict(
+            arch="llama",
+            axis="depth",
+            sizes=(2, 4, 8, 16),
+            kinds=("mup",),
+            depth_alphas=(1.0, 0.0),
+            optimizer="adamw",
+            lr=LR,
+            width=64,
+        ),
+    }
+)
 
 
 def _patched(name: str | None):
@@ -124,7 +168,7 @@ def run_one(check: str, seeds: tuple[int, ...], threads: int) -> dict:
     kwargs = dict(CHECKS[check])
     undo = _patched(kwargs.pop("patch", None))
     try:
-        report = gpt_coord_check(seeds=seeds, **kwargs)
+        report = model_coord_check(seeds=seeds, **kwargs)
     finally:
         undo()
     return {"check": check, "seeds": list(seeds), "threads": threads, "slopes": report.slopes()}
@@ -133,10 +177,14 @@ def run_one(check: str, seeds: tuple[int, ...], threads: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="comma-separated check names")
+    ap.add_argument("--only-prefix", default="", help="the checks whose name starts with this")
+    ap.add_argument("--seed-sets", type=int, default=len(SEED_SETS), help="the first N seed sets")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--out", default="runs/coord_spread/runs.jsonl")
     args = ap.parse_args()
     names = [n for n in args.only.split(",") if n] or [*CHECKS, *CUSTOM]
+    if args.only_prefix:
+        names = [n for n in names if n.startswith(args.only_prefix)]
     threads = [int(t) for t in args.threads.split(",")]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -146,7 +194,7 @@ def main() -> None:
             r = json.loads(line)
             done[(r["check"], tuple(r["seeds"]), r["threads"])] = r
     for name in names:
-        for seeds in SEED_SETS:
+        for seeds in SEED_SETS[: args.seed_sets]:
             for t in threads:
                 if (name, seeds, t) not in done:
                     r = run_one(name, seeds, t)
