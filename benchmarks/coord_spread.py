@@ -85,14 +85,20 @@ CHECKS = {
 }
 
 
-def _llama(optimizer: str, **optimizer_kwargs) -> dict:
+def _llama(optimizer: str, model_options=None, **optimizer_kwargs) -> dict:
     """The Llama model at widths 64→512 with the CLI's base LR for ``optimizer``."""
     if optimizer == "muon":
         optimizer_kwargs["adam_lr"] = COORD_ADAM_LR
     if optimizer == "sophia":
         optimizer_kwargs["hessian_interval"] = 1
     lr = COORD_LR.get(optimizer, DEFAULT_COORD_LR)
-    return _width(optimizer, lr=lr, arch="llama", optimizer_kwargs=optimizer_kwargs)
+    return _width(
+        optimizer,
+        lr=lr,
+        arch="llama",
+        optimizer_kwargs=optimizer_kwargs,
+        model_options=model_options,
+    )
 
 
 CHECKS.update(
@@ -104,6 +110,7 @@ CHECKS.update(
         "llama-lion": _llama("lion"),
         "llama-sgd": _llama("sgd"),
         "llama-muon": _llama("muon"),
+        "llama-muon-fused-gqa": _llama("muon", model_options={"fused": True, "n_kv_heads": 1}),
         "llama-shampoo": _llama("shampoo"),
         "llama-soap": _llama("soap"),
         "llama-spectral-adamw": _llama("adamw", spectral_normalize=True),

@@ -377,3 +377,47 @@ def test_sophia_coord_check_runs_the_hessian_estimator(monkeypatch):
             loss=lambda m, x, y: m(x).sum(),
             optimizer="sophia",
         )
+
+
+# ----------------------------------------------------------------------------- Llama
+
+
+def test_llama_adamw_mup_flat_sp_grows():
+    """The Llama (RMSNorm, SwiGLU, rotary, no biases) under the GPT's rules."""
+    report = model_coord_check(
+        arch="llama", sizes=WIDTHS, optimizer="adamw", lr=lr_of("adamw"), seeds=(0, 1, 2)
+    )
+    assert_mup_flat_sp_grows(report, (*HIDDEN, "logits"))
+
+
+def test_llama_muon_on_fused_blocks_with_gqa_mup_flat_sp_grows():
+    """Fused q/k/v (one key/value head) and gate/up: Muon orthogonalizes each logical block."""
+    report = model_coord_check(
+        arch="llama",
+        sizes=WIDTHS,
+        optimizer="muon",
+        lr=lr_of("muon"),
+        seeds=(0, 1, 2),
+        optimizer_kwargs={"adam_lr": COORD_ADAM_LR},
+        model_options={"fused": True, "n_kv_heads": 1},
+        split_terms=(),
+    )
+    assert_mup_flat_sp_grows(report, HIDDEN)
+
+
+def test_llama_depth_alpha_one_is_flat_and_alpha_zero_grows():
+    report = model_coord_check(
+        arch="llama",
+        axis="depth",
+        sizes=(2, 4, 8, 16),
+        kinds=("mup",),
+        depth_alphas=(1.0, 0.0),
+        optimizer="adamw",
+        lr=3e-3,
+        width=64,
+        seeds=(0, 1, 2),
+    )
+    slopes = report.slopes()
+    assert abs(slopes["mup α=1"]["residual"]) <= 0.2
+    assert abs(slopes["mup α=1"]["logits"]) <= 0.2
+    assert slopes["mup α=0"]["residual"] >= 0.5

@@ -251,6 +251,35 @@ def test_sp_pairs_with_every_alpha_of_mup() -> None:
     assert got == [("adamw", True, 0.0), ("adamw", True, 1.0), ("lion", True, None)]
 
 
+def test_two_architectures_in_one_sweep_are_never_one_study() -> None:
+    """Runs that differ only in model.arch (read from each row's config) are two studies,
+    labelled by architecture, paired within their architecture, and named apart."""
+    rows = sweep_rows() + [
+        dict(r, id=r["id"] + "-llama", config={"model": {"arch": "llama"}}) for r in sweep_rows()
+    ]
+    studies = build_studies(rows)
+    assert sorted((s.key.arch, s.key.param) for s in studies) == [
+        ("gpt", "mup"),
+        ("gpt", "sp"),
+        ("llama", "mup"),
+        ("llama", "sp"),
+    ]
+    assert all(len(s.cell(2.0**-8, 64).losses) == 2 for s in studies)  # 2 seeds, not 4
+    pairs = pair_studies(studies)
+    assert sorted((p.sp.key.arch, p.mup.key.arch) for p in pairs) == [
+        ("gpt", "gpt"),
+        ("llama", "llama"),
+    ]
+    labels = sorted(p.key.label(param=False) for p in pairs)
+    assert labels[0].startswith("s: adamw") and labels[1].startswith("s: llama adamw")
+    md = build_report(rows, "store").markdown
+    assert "| model | optimizer |" in md and "| llama | adamw |" in md
+    assert {r["arch"] for r in csv.DictReader(io.StringIO(tables_csv(studies)))} == {
+        "gpt",
+        "llama",
+    }
+
+
 # ----------------------------------------------------------------------------- files
 
 

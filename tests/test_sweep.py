@@ -4,6 +4,7 @@ skipping stored runs, SIGKILL + resume, and the Ray executor."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -163,6 +164,12 @@ GOOD_GRID = "width = [16, 32]\nlr = [0.01]"
         (GOOD_GRID, '"optim.lr" = 0.1\n', "in both [grid] (lr) and [overrides]"),
         (GOOD_GRID, '"train.out_dir" = "x"\n', "set [sweep] out_dir"),
         (GOOD_GRID, '"model.vocab_size" = 70\n', "model.vocab_size is set from the data"),
+        ('arch = "mamba"', "", "model.arch must be one of gpt, llama, got 'mamba'"),
+        (
+            'arch = ["gpt", "llama"]',
+            '"model.bias" = false\n',
+            "model.bias = False is set for the gpt model, which the llama model does not have",
+        ),
     ],
 )
 def test_bad_spec_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, grid, extra, message):
@@ -450,3 +457,48 @@ def test_ray_executor_gives_the_rows_of_the_local_executor(tmp_path, monkeypatch
     assert summary.counts == {"ok": 2, "diverged": 2, "failed": 0} and summary.lost == 0
     got, want = by_id(remote.store), by_id(local.store)
     assert results(got) == results(want) and len(got) == 4
+
+
+# ----------------------------------------------------------------------------- depth sweeps
+
+
+def test_tiny_depth_sweep_of_both_models_reports_per_model_and_alpha(tmp_path, capsys):
+    """A depth grid with α ∈ {0, ½, 1} for the GPT and the Llama in one spec: every run
+    trains, each model keeps its own config, and the report has one depth study per
+    (model, α) with the depth rules' multipliers in the runs' configs."""
+    grid = (
+        'arch = ["gpt", "llama"]\nparam = "mup"\ndepth_alpha = [0.0, 0.5, 1.0]\n'
+        "width = [16]\ndepth = [1, 2]\nlr = [0.01]"
+    )
+    spec = write_spec(tmp_path, grid, budget="steps = 6")
+    assert main(["sweep", str(spec)]) == 0
+    rows = by_id(tmp_path / "store.sqlite")
+    assert len(rows) == 12 and {r["status"] for r in rows.values()} == {"ok"}
+    archs = {(r["config"]["model"]["arch"], r["depth_alpha"]) for r in rows.values()}
+    assert len(archs) == 6
+    llama = [r for r in rows.values() if r["config"]["model"]["arch"] == "llama"]
+    assert (
+        "mlp_ratio" not in llama[0]["config"]["model"]
+        and "ffn_ratio" in llama[0]["config"]["model"]
+    )
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "store.sqlite")]) == 0
+    summary = json.loads((tmp_path / "store_report" / "summary.json").read_text())
+    studies = {(s["arch"], s["depth_alpha"], s["axis"]) for s in summary["studies"]}
+    assert studies == {(a, al, "depth") for a in ("gpt", "llama") for al in (0.0, 0.5, 1.0)}
+
+
+def test_only_restricts_the_runs_by_grid_value(tmp_path, capsys):
+    spec = write_spec(tmp_path, 'arch = ["gpt", "llama"]\nwidth = [16, 32]\nlr = [0.01, 0.0078125]')
+    assert (
+        main(["sweep", str(spec), "--dry-run", "--only", "arch=llama", "--only", "lr=0.0078125"])
+        == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 + 1  # 2 widths (μP, the default), and the summary line
+    assert all(" llama adamw " in line and "lr=0.007812" in line for line in lines[:-1])
+    for bad, message in (("arch", "--only needs KEY=VALUE"), ("colour=red", "--only needs"),
+                         ("arch=mamba", "--only arch=mamba matches no run")):  # fmt: skip
+        assert main(["sweep", str(spec), "--dry-run", "--only", bad]) == 2
+        assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.toml"]

@@ -68,3 +68,41 @@ def test_transfer_bad_input_is_one_line_and_trains_nothing(tmp_path, capsys, arg
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "store.sqlite").exists()
+
+
+def test_joint_width_and_depth_transfer_keeps_each_model_apart(tmp_path, capsys):
+    """Proxy (width 16, depth 1) → target (32, 2) for the GPT and the Llama in one spec:
+    each arm takes its own model's proxy optimum and trains its own model."""
+    grid = GRID.replace('optimizer = "adamw"', 'arch = ["gpt", "llama"]\noptimizer = "adamw"')
+    grid = grid.replace("seed = [0, 1]", "seed = [0]")
+    spec = write_spec(tmp_path, grid, budget="steps = 8", sweep="workers = 1")
+    assert main(["transfer", str(spec), "--target-width", "32", "--target-depth", "2", "--sp"]) == 0
+    out = capsys.readouterr().out
+    with RunStore(tmp_path / "store.sqlite", create=False) as store:
+        rows = store.rows()
+    info = json.loads((tmp_path / "transfer_32x2.json").read_text())
+    assert sorted((a["arch"], a["param"]) for a in info["arms"]) == [
+        ("gpt", "mup"),
+        ("gpt", "sp"),
+        ("llama", "mup"),
+        ("llama", "sp"),
+    ]
+    for arm in info["arms"]:
+        proxy = {
+            r["lr"]: r["best_val_loss"]
+            for r in rows
+            if r["sweep"] == "t"
+            and r["param"] == arm["param"]
+            and r["config"]["model"]["arch"] == arm["arch"]
+        }
+        assert arm["lr"] == min(proxy, key=proxy.get)
+        (target,) = [
+            r
+            for r in rows
+            if r["sweep"] == "t-transfer"
+            and r["param"] == arm["param"]
+            and r["config"]["model"]["arch"] == arm["arch"]
+        ]
+        assert (target["width"], target["depth"], target["lr"]) == (32, 2, arm["lr"])
+        assert arm["target_loss"] == pytest.approx(target["best_val_loss"])
+    assert "| model |" in out and "| llama |" in out

@@ -140,6 +140,13 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--workers", type=int, default=None, help="runs at once (0 = auto)")
     sw.add_argument("--address", default=None, help="Ray cluster address (with --executor ray)")
     sw.add_argument("--dry-run", action="store_true", help="list the runs; train nothing")
+    sw.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only the runs whose grid KEY is VALUE, e.g. --only arch=llama --only param=mup",
+    )
 
     tr = sub.add_parser(
         "transfer",
@@ -305,9 +312,9 @@ def _coord_check(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .sweep import dry_run_lines, load_spec, run_sweep
+    from .sweep import dry_run_lines, load_spec, restrict, run_sweep
 
-    spec = load_spec(args.spec)
+    spec = restrict(load_spec(args.spec), args.only)
     if args.dry_run:
         print("\n".join(dry_run_lines(spec)))
         return 0

@@ -130,6 +130,27 @@ class RunConfig:
         return out
 
 
+def retarget_model(model: dict[str, Any], from_arch: str) -> dict[str, Any]:
+    """A [model] table written for ``from_arch`` (e.g. a sweep's base config, every key set)
+    whose ``arch`` was changed: keys the new architecture lacks are dropped when they hold
+    ``from_arch``'s defaults (they say nothing), and are an error otherwise (never ignored)."""
+    arch = model.get("arch", GPTConfig.arch)
+    if arch == from_arch:
+        return model
+    keep = set(_field_types("model", arch))
+    defaults = {f.name: f.default for f in fields(config_class(from_arch))}
+    out = {}
+    for key, value in model.items():
+        if key in keep:
+            out[key] = value
+        elif defaults.get(key, object()) != (list(value) if isinstance(value, tuple) else value):
+            raise ConfigError(
+                f"model.{key} = {value!r} is set for the {from_arch} model, which the {arch} "
+                f"model does not have; remove it or keep model.arch = {from_arch!r}"
+            )
+    return out
+
+
 def model_config(model: DecoderConfig, vocab_size: int) -> DecoderConfig:
     """The model section with the vocabulary size of the data."""
     return dataclasses.replace(model, vocab_size=vocab_size)

@@ -1,12 +1,12 @@
 """LR-sweep report: the seed paper's tables and figures from a sweep's run store.
 
-A *study* is one learning-rate sweep along one axis: the runs of one (sweep, optimizer,
-parametrization, depth α, weight decay) that vary in width at a fixed depth (axis
-``"width"``) or in depth at a fixed width (axis ``"depth"``). Its table has the layout of
-the seed paper's Tables 5–20: one row per learning rate (descending, as in the paper), one
-column per width (or depth), each cell the seed-mean of the best validation loss, the best
-cell of each column marked. Its figure is the paper's Fig. 1: validation loss against LR,
-one curve per width, SP and μP side by side.
+A *study* is one learning-rate sweep along one axis: the runs of one (sweep, model
+architecture, optimizer, parametrization, depth α, weight decay) that vary in width at a
+fixed depth (axis ``"width"``) or in depth at a fixed width (axis ``"depth"``). Its table
+has the layout of the seed paper's Tables 5–20: one row per learning rate (descending, as in
+the paper), one column per width (or depth), each cell the seed-mean of the best validation
+loss, the best cell of each column marked. Its figure is the paper's Fig. 1: validation loss
+against LR, one curve per width, SP and μP side by side.
 
 Cells, over the seeds of one (LR, size):
 
@@ -75,6 +75,7 @@ CSV_COLUMNS = (
     "min_best_val_loss",
     "max_best_val_loss",
     "best_in_column",
+    "arch",
 )
 PARAM_LABEL = {"sp": "SP", "mup": "μP"}
 
@@ -100,6 +101,7 @@ class StudyKey:
     weight_decay: float
     axis: str  # width | depth
     fixed: int  # the depth of a width study, the width of a depth study
+    arch: str = "gpt"  # the bundled model (config model.arch): never mixed in one study
 
     @property
     def other(self) -> str:
@@ -109,8 +111,9 @@ class StudyKey:
         """E.g. ``s1: adamw μP, α=1, wd=0, width sweep at depth 2`` (``param=False``: no μP)."""
         name = f" {PARAM_LABEL.get(self.param, self.param)}" if param else ""
         alpha = "" if self.depth_alpha is None else f", α={self.depth_alpha:g}"
+        arch = "" if self.arch == "gpt" else f"{self.arch} "
         return (
-            f"{self.sweep}: {self.optimizer}{name}{alpha}, wd={self.weight_decay:g}, "
+            f"{self.sweep}: {arch}{self.optimizer}{name}{alpha}, wd={self.weight_decay:g}, "
             f"{self.axis} sweep at {self.other} {self.fixed}"
         )
 
@@ -194,6 +197,13 @@ def _alpha(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
+def _arch(row: dict[str, Any]) -> str:
+    """The run's model architecture, from its stored config (rows from before Llama: GPT)."""
+    config = row.get("config")
+    model = config.get("model", {}) if isinstance(config, dict) else {}
+    return str(model.get("arch", "gpt"))
+
+
 def build_studies(rows: Iterable[dict[str, Any]]) -> list[Study]:
     """Group store rows into studies (module docstring). When a group varies in width and
     in depth, it gives one width study per depth with several widths and one depth study
@@ -206,6 +216,7 @@ def build_studies(rows: Iterable[dict[str, Any]]) -> list[Study]:
             str(row["param"]),
             _alpha(row.get("depth_alpha")),
             float(row["weight_decay"]),
+            _arch(row),
         )
         groups[key].append(row)
     studies = []
@@ -233,7 +244,8 @@ def build_studies(rows: Iterable[dict[str, Any]]) -> list[Study]:
                     covered |= {(w, d) for d in ds}
             plans += sorted({("width", d) for w, d in points - covered})
         for axis, fixed in plans:
-            studies.append(_study(StudyKey(*key, axis=axis, fixed=fixed), group))
+            *fields_, arch = key
+            studies.append(_study(StudyKey(*fields_, axis=axis, fixed=fixed, arch=arch), group))
     return studies
 
 
@@ -292,6 +304,7 @@ class Transfer:
         return {
             "study": self.study,
             "sweep": self.key.sweep,
+            "arch": self.key.arch,
             "optimizer": self.key.optimizer,
             "param": self.key.param,
             "depth_alpha": self.key.depth_alpha,
@@ -394,7 +407,8 @@ def transfer_summary(study: Study) -> Transfer:
 
 @dataclass
 class Pair:
-    """The SP and μP studies of one (sweep, optimizer, α, weight decay, axis, fixed size)."""
+    """The SP and μP studies of one (sweep, model, optimizer, α, weight decay, axis, fixed
+    size)."""
 
     sp: Study | None
     mup: Study | None
@@ -413,7 +427,7 @@ def pair_studies(studies: Sequence[Study]) -> list[Pair]:
     by: dict[tuple[Any, ...], dict[str, list[Study]]] = defaultdict(lambda: defaultdict(list))
     for s in studies:
         k = s.key
-        by[k.sweep, k.optimizer, k.weight_decay, k.axis, k.fixed][k.param].append(s)
+        by[k.sweep, k.arch, k.optimizer, k.weight_decay, k.axis, k.fixed][k.param].append(s)
     pairs = []
     for group in by.values():
         sps, used = group.get("sp", []), set()
@@ -435,6 +449,7 @@ def comparison(pairs: Sequence[Pair]) -> list[dict[str, Any]]:
         k = pair.key
         row: dict[str, Any] = {
             "sweep": k.sweep,
+            "arch": k.arch,
             "optimizer": k.optimizer,
             "axis": k.axis,
             "fixed": f"{k.other} {k.fixed}",
@@ -530,11 +545,12 @@ def transfer_text(t: Transfer) -> str:
 def comparison_table(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
     """Header and rows of the SP-vs-μP comparison, as strings."""
     sweeps = len({r["sweep"] for r in rows}) > 1
+    archs = len({r["arch"] for r in rows}) > 1
     head = ["optimizer", "axis", "α", "wd", "drift SP", "drift μP"]
     head += ["fit drift SP", "fit drift μP", "wider better SP", "wider better μP"]
-    out = [(["sweep"] if sweeps else []) + head]
+    out = [(["sweep"] if sweeps else []) + (["model"] if archs else []) + head]
     for r in rows:
-        line = [r["sweep"]] if sweeps else []
+        line = ([r["sweep"]] if sweeps else []) + ([r["arch"]] if archs else [])
         line += [r["optimizer"], f"{r['axis']} ({r['fixed']})", _fmt(r["depth_alpha"], "g")]
         line += [_fmt(r["weight_decay"], "g"), _fmt(r["drift_sp"]), _fmt(r["drift_mup"])]
         line += [_fmt(r["fit_drift_sp"], ".2f"), _fmt(r["fit_drift_mup"], ".2f")]
@@ -611,7 +627,7 @@ def tables_csv(studies: Sequence[Study]) -> str:
                     + [cell.n_seeds, len(cell.losses), cell.n_diverged, cell.n_failed]
                     + [("" if math.isnan(v) else repr(v)) for v in stats]
                     + [""] * (4 - len(stats))
-                    + [int(study.is_best(lr, size))]
+                    + [int(study.is_best(lr, size)), k.arch]
                 )
     return buf.getvalue()
 
@@ -710,7 +726,8 @@ def figure_names(pairs: Sequence[Pair]) -> list[str]:
 
     names = []
     for k in keys:
-        parts = ["lr"] + ([k.sweep] if varies("sweep") else []) + [k.optimizer, k.axis]
+        parts = ["lr"] + ([k.sweep] if varies("sweep") else [])
+        parts += ([k.arch] if varies("arch") else []) + [k.optimizer, k.axis]
         if varies("fixed"):
             parts.append(f"{k.other[0]}{k.fixed}")
         if varies("depth_alpha"):

@@ -16,6 +16,8 @@ A sweep spec is a TOML file with four tables::
 
     [grid]                             # every key optional; a scalar is one value
     optimizer = ["adamw"]              # optim.name
+    arch = ["gpt"]                     # model.arch: gpt | llama (the base config's model keys
+                                       # the other architecture lacks must hold defaults)
     param = ["sp", "mup"]              # param.kind
     depth_alpha = [1.0]                # param.depth_alpha, μP only: SP runs use α = 0
     width = [64, 128, 256, 512]        # model.width
@@ -81,7 +83,7 @@ from pathlib import Path
 from typing import Any
 
 from . import train
-from .config import RunConfig, _resolve_key, build_config, load_config, tomllib
+from .config import RunConfig, _resolve_key, build_config, load_config, retarget_model, tomllib
 from .errors import ConfigError, SmupError
 from .store import RESULTS, RunStore
 from .train import CHECKPOINT, WEIGHTS
@@ -95,6 +97,7 @@ GRID_KEYS: dict[str, tuple[str, str]] = {
     "optimizer": ("optim", "name"),
     "param": ("param", "kind"),
     "depth_alpha": ("param", "depth_alpha"),
+    "arch": ("model", "arch"),
     "depth": ("model", "depth"),
     "width": ("model", "width"),
     "weight_decay": ("optim", "weight_decay"),
@@ -267,6 +270,7 @@ def load_spec(path: str | Path) -> SweepSpec:
         if run_values["param"]["kind"] == "sp":
             run_values["param"]["depth_alpha"] = 0.0  # α is a μP rule; SP runs are not repeated
             point.pop("depth_alpha", None)
+        run_values["model"] = retarget_model(run_values["model"], base_cfg.model.arch)
         run_values["train"].update(out_dir="", progress=False, resume=True)
         if isinstance(run_values["optim"]["name"], str):  # one id for "AdamW" and "adamw"
             run_values["optim"]["name"] = run_values["optim"]["name"].lower()
@@ -295,6 +299,31 @@ def load_spec(path: str | Path) -> SweepSpec:
         cpus_per_run=cpus_per_run,
         keep_weights=keep_weights,
     )
+
+
+def restrict(spec: SweepSpec, only: Iterable[str]) -> SweepSpec:
+    """The runs of ``spec`` whose grid point matches every ``KEY=VALUE`` of ``only`` (a value
+    compares as text, or as a number where both are numbers: ``lr=0.0078125``)."""
+    runs = spec.runs
+    for item in only:
+        key, sep, text = item.partition("=")
+        if not sep or key not in GRID_KEYS:
+            raise ConfigError(
+                f"--only needs KEY=VALUE with KEY a grid key ({', '.join(GRID_KEYS)}); got {item!r}"
+            )
+        runs = [r for r in runs if key in r.point and _same(r.point[key], text)]
+        if not runs:
+            raise ConfigError(f"--only {item} matches no run of {spec.path}")
+    return dataclasses.replace(spec, runs=runs)
+
+
+def _same(value: Any, text: str) -> bool:
+    if str(value).lower() == text.lower():
+        return True
+    try:
+        return not isinstance(value, str) and float(value) == float(text)
+    except ValueError:
+        return False
 
 
 def _only(table: dict[str, Any], allowed: Iterable[str], what: str, kind: str) -> None:
@@ -734,8 +763,9 @@ def run_sweep(
 def describe(run: Run) -> str:
     c = run.config
     alpha = "" if c.param.kind == "sp" else f" α={c.param.depth_alpha:g}"
+    arch = "" if c.model.arch == "gpt" else f"{c.model.arch} "
     return (
-        f"{run.id}  {c.optim.name} {c.param.kind}{alpha} width={c.model.width} "
+        f"{run.id}  {arch}{c.optim.name} {c.param.kind}{alpha} width={c.model.width} "
         f"depth={c.model.depth} lr={c.optim.lr:.4g} wd={c.optim.weight_decay:g} "
         f"seed={c.train.seed} iters={c.train.max_iters}"
     )

@@ -42,6 +42,7 @@ class Arm:
     proxy_std: float
     target_losses: list[float | None]  # per seed; None where the run diverged or failed
     target_status: list[str]
+    arch: str = "gpt"  # the bundled model (model.arch)
 
     @property
     def target_loss(self) -> float:
@@ -84,7 +85,7 @@ def _proxy_runs(spec: SweepSpec, width: int | None, depth: int | None) -> list[R
 
 def _target_run(spec: SweepSpec, proxy: Run, width: int, depth: int) -> Run:
     cfg = proxy.config
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=width, depth=depth))
+    cfg = dataclasses.replace(cfg, model=cfg.model.resized(width, depth))
     rid = run_id(cfg)
     cfg = dataclasses.replace(
         cfg, train=dataclasses.replace(cfg.train, out_dir=str(spec.out_dir / rid))
@@ -146,6 +147,7 @@ def run_transfer(
             and r.config.param.kind == key.param
             and r.config.optim.name == key.optimizer
             and r.config.optim.weight_decay == key.weight_decay
+            and r.config.model.arch == key.arch
             and (key.param == "sp" or r.config.param.depth_alpha == key.depth_alpha)
         ]
         targets = [_target_run(spec, r, target_width, target_depth) for r in seeds]
@@ -173,6 +175,7 @@ def run_transfer(
                     row["best_val_loss"] if row and row["status"] == "ok" else None for row in done
                 ],
                 target_status=[row["status"] if row else "lost" for row in done],
+                arch=key.arch,
             )
         )
     out = spec.store.parent / f"transfer_{target_width}x{target_depth}.json"
@@ -190,9 +193,11 @@ def run_transfer(
 
 def comparison_lines(arms: list[Arm], proxy: tuple[int, int], target: tuple[int, int]) -> list[str]:
     """The printed comparison: one line per arm."""
+    archs = len({a.arch for a in arms}) > 1
     lines = [
         f"proxy width {proxy[0]} depth {proxy[1]} → target width {target[0]} depth {target[1]}",
-        f"| {'optimizer':<9} | {'param':<6} | {'lr (proxy best)':>15} | {'proxy val':>14} "
+        ("| model " if archs else "")
+        + f"| {'optimizer':<9} | {'param':<6} | {'lr (proxy best)':>15} | {'proxy val':>14} "
         f"| {'target val':>14} |",
     ]
     for a in arms:
@@ -209,7 +214,8 @@ def comparison_lines(arms: list[Arm], proxy: tuple[int, int], target: tuple[int,
         else:
             target_text = "/".join(a.target_status)
         lines.append(
-            f"| {a.optimizer:<9} | {label:<6} | {a.lr:>15.3g} | {proxy_text:>14} "
+            (f"| {a.arch:<5} " if archs else "")
+            + f"| {a.optimizer:<9} | {label:<6} | {a.lr:>15.3g} | {proxy_text:>14} "
             f"| {target_text:>14} |"
         )
     return lines
