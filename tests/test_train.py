@@ -515,3 +515,15 @@ def test_sophia_estimates_its_hessian_even_when_wrapped(tmp_path: Path, spectral
     ckpt = torch.load(tmp_path / T.CHECKPOINT, weights_only=True)
     hessians = [s["hessian"] for s in ckpt["optimizer"]["state"].values() if "hessian" in s]
     assert hessians and all(h.abs().sum() > 0 for h in hessians if h.ndim >= 2)
+
+
+def test_checkpoints_from_before_model_arch_still_resume(tmp_path: Path) -> None:
+    """A GPT checkpoint's stored config has no model.arch (written before the Llama); it
+    still matches the config that wrote it, and a Llama config never matches it."""
+    cfg = tiny(tmp_path / "a")
+    old = cfg.to_dict()
+    del old["model"]["arch"]
+    assert T.fingerprint(old) == T.fingerprint(cfg)
+    llama = tiny(tmp_path / "a", "--model.arch", "llama", "--model.n_heads", "2")
+    assert T.fingerprint(llama) != T.fingerprint(cfg)
+    assert sweep.run_id(llama) != sweep.run_id(cfg)

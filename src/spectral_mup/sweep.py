@@ -188,19 +188,11 @@ class SweepSummary:
 
 
 def canonical_config(cfg: RunConfig) -> dict[str, dict[str, Any]]:
-    """The config a run id hashes: every key but the runtime-only ones
-    (:data:`RUNTIME_KEYS`), and no key whose value is ``None`` (an unset option is its
-    default, so adding an optional key to the config keeps existing ids). ``model.arch`` is
-    left out for the GPT, the only architecture before it existed (so GPT ids stay)."""
+    """The config a run id hashes: :func:`spectral_mup.train.fingerprint` (every key but the
+    runtime-only ones, :data:`RUNTIME_KEYS`), sorted."""
     return {
-        section: {
-            k: v
-            for k, v in sorted(items.items())
-            if (section, k) not in RUNTIME_KEYS
-            and v is not None
-            and not (section == "model" and k == "arch" and v == "gpt")
-        }
-        for section, items in sorted(cfg.to_dict().items())
+        section: dict(sorted(items.items()))
+        for section, items in sorted(train.fingerprint(cfg).items())
     }
 
 

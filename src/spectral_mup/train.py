@@ -82,15 +82,19 @@ def build_run_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.O
 
 def fingerprint(cfg: RunConfig | dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The parts of a config (a ``RunConfig`` or its ``to_dict()``, e.g. a checkpoint's
-    stored fingerprint) a checkpoint must agree with to be resumed: every key but the
-    runtime ones (:data:`RUNTIME_KEYS`) and those set to ``None`` (an unset option), as a
-    sweep's run id."""
+    stored fingerprint) that identify a run — a checkpoint must agree with them to be
+    resumed, and a sweep's run id hashes them: every key but the runtime ones
+    (:data:`RUNTIME_KEYS`), none set to ``None`` (an unset option is its default, so adding
+    an optional key keeps existing ids and checkpoints), and no ``model.arch`` for the GPT
+    (the only architecture before the key existed)."""
     d = cfg.to_dict() if isinstance(cfg, RunConfig) else cfg
     return {
         section: {
             k: v
             for k, v in items.items()
-            if v is not None and not (section == "train" and k in RUNTIME_KEYS)
+            if v is not None
+            and not (section == "train" and k in RUNTIME_KEYS)
+            and not (section == "model" and k == "arch" and v == "gpt")
         }
         for section, items in d.items()
     }
