@@ -114,6 +114,32 @@ CHECKS.update(
         "llama-shampoo": _llama("shampoo"),
         "llama-soap": _llama("soap"),
         "llama-spectral-adamw": _llama("adamw", spectral_normalize=True),
+        # the sizes tests/test_coord.py checks (widths 64→256: a third of the cost)
+        "llama-adamw-256": _width("adamw", lr=DEFAULT_COORD_LR, sizes=W[:3], arch="llama"),
+        "llama-muon-fused-gqa-256": dict(
+            _llama("muon", model_options={"fused": True, "n_kv_heads": 1}), sizes=W[:3]
+        ),
+        "llama-depth-20": dict(
+            arch="llama",
+            axis="depth",
+            sizes=(2, 4, 8, 16),
+            kinds=("mup",),
+            depth_alphas=(1.0, 0.5, 0.0),
+            optimizer="adamw",
+            lr=LR,
+            width=64,
+            steps=20,
+        ),
+        "depth-20": dict(
+            axis="depth",
+            sizes=(2, 4, 8, 16),
+            kinds=("mup",),
+            depth_alphas=(1.0, 0.5, 0.0),
+            optimizer="adamw",
+            lr=LR,
+            width=64,
+            steps=20,
+        ),
         "llama-depth": dict(
             arch="llama",
             axis="depth",

@@ -383,9 +383,10 @@ def test_sophia_coord_check_runs_the_hessian_estimator(monkeypatch):
 
 
 def test_llama_adamw_mup_flat_sp_grows():
-    """The Llama (RMSNorm, SwiGLU, rotary, no biases) under the GPT's rules."""
+    """The Llama (RMSNorm, SwiGLU, rotary, no biases) under the GPT's rules; widths 64→256
+    here, 64→512 for every optimizer in docs/measurements.md."""
     report = model_coord_check(
-        arch="llama", sizes=WIDTHS, optimizer="adamw", lr=lr_of("adamw"), seeds=(0, 1, 2)
+        arch="llama", sizes=WIDTHS[:3], optimizer="adamw", lr=lr_of("adamw"), seeds=(0, 1, 2)
     )
     assert_mup_flat_sp_grows(report, (*HIDDEN, "logits"))
 
@@ -394,7 +395,7 @@ def test_llama_muon_on_fused_blocks_with_gqa_mup_flat_sp_grows():
     """Fused q/k/v (one key/value head) and gate/up: Muon orthogonalizes each logical block."""
     report = model_coord_check(
         arch="llama",
-        sizes=WIDTHS,
+        sizes=WIDTHS[:3],
         optimizer="muon",
         lr=lr_of("muon"),
         seeds=(0, 1, 2),

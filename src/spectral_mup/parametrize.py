@@ -214,9 +214,7 @@ def parametrize(
     roles = infer_roles(model, base, delta, overrides=overrides, layouts=layouts)
     check_tied(roles, p)
     model.smup_roles = roles
-    for handle in getattr(model, "_smup_hooks", []):  # parametrizing twice must not stack
-        handle.remove()
-    model._smup_hooks = []
+    remove_hooks(model, ReadoutMultiplier)  # parametrizing twice must not stack
     modules = dict(model.named_modules())
     readouts = {}  # parameter name (its module's weight) → readout multiplier
     for name, info in roles.items():
@@ -236,7 +234,7 @@ def parametrize(
                 "be scaled by a hook: wrap it in an nn.Linear, or build the Parametrization with "
                 "readout='init' (no forward multiplier)"
             )
-        model._smup_hooks.append(module.register_forward_pre_hook(_scale_input(c)))
+        module.register_forward_pre_hook(ReadoutMultiplier(c))
     if init:
         init_weights(model, roles, p)
     return roles
@@ -263,11 +261,24 @@ def _wrapped_name(modules: dict[str, nn.Module], name: str) -> str:
     return next((n for n in modules if canonical_name(n) == name), name)
 
 
-def _scale_input(c: float):
-    def hook(module: nn.Module, args: tuple) -> tuple:
-        return (args[0] * c, *args[1:])
+class ReadoutMultiplier:
+    """Forward pre-hook: scale a readout layer's input by the readout multiplier. A class
+    rather than a closure, so a parametrized model pickles; found (and replaced) by type
+    when a model is parametrized again."""
 
-    return hook
+    def __init__(self, multiplier: float):
+        self.multiplier = multiplier
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple:
+        return (args[0] * self.multiplier, *args[1:])
+
+
+def remove_hooks(model: nn.Module, kind: type) -> None:
+    """Remove every forward (pre-)hook of type ``kind`` from ``model``'s modules."""
+    for module in model.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key in [k for k, h in hooks.items() if isinstance(h, kind)]:
+                del hooks[key]
 
 
 # ------------------------------------------------------------------------- optimizer side
