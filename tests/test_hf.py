@@ -71,6 +71,8 @@ def test_gpt2_roles_tied_head_conv1d_and_fixed_head_size() -> None:
     # residual branches × m_L^-1 = 1/2 (depth 4 over base 2), on attn and mlp of 4 layers
     mults = [h.multiplier for h in _branch_hooks(model)]
     assert mults == [0.5] * 8
+    # Muon orthogonalizes q, k and v of the fused c_attn as three blocks
+    assert model.smup_splits == {"transformer.h.*.attn.c_attn.weight": 3}
 
 
 def test_gpt2_fixed_head_count_gets_mups_attention_scale() -> None:
@@ -103,6 +105,7 @@ def test_llama_gqa_roles_readout_and_forward() -> None:
     assert roles["model.embed_tokens.weight"].role == "input"
     assert roles["model.layers.0.mlp.down_proj.weight"].fan_in == 384
     assert roles["model.norm.weight"].role == "vector"
+    assert model.smup_splits == {}  # q, k, v separate
     # the readout multiplier 1/m scales lm_head's input: logits = W·h/2
     idx = torch.randint(0, VOCAB, (2, 16))
     captured = {}
@@ -226,3 +229,30 @@ def test_coord_check_through_the_hf_forward(arch) -> None:
         assert abs(mup[group]) <= 0.2, (arch, group, slopes)
     for group in hidden:
         assert sp[group] >= 0.5, (arch, group, slopes)
+
+
+def test_muon_steps_an_hf_gpt2_with_its_fused_conv1d_blocks() -> None:
+    """Each of q, k, v in GPT-2's c_attn (stored (fan_in, 3·width)) is orthogonalized on its
+    own: each block of the update points along Newton–Schulz of that block's gradient and
+    has that block's norm — at init q's and k's gradients are far smaller than v's, so
+    orthogonalizing the fused matrix would leave their blocks nearly still."""
+    from spectral_mup.optim.muon import newton_schulz
+
+    p = smup.Parametrization(kind="mup", base_width=32, base_depth=4)
+    model = gpt2(width=64)
+    hf.parametrize(model, p)
+    opt = smup.build_optimizer("muon", model, p, lr=0.02, momentum=0.0, nesterov=False)
+    w = model.transformer.h[0].attn.c_attn.weight
+    before = w.detach().clone()
+    idx = torch.randint(0, VOCAB, (4, 16))
+    F.cross_entropy(model(idx).logits.flatten(0, 1), idx.roll(-1, 1).flatten()).backward()
+    grad = w.grad.detach().clone()
+    opt.step()
+    deltas = (w.detach() - before).split(64, dim=1)
+    for delta, g in zip(deltas, grad.split(64, dim=1), strict=True):
+        own = newton_schulz(g.T.float()).T
+        assert F.cosine_similarity(-delta.flatten(), own.flatten(), dim=0) > 0.999
+    norms = [float(d.norm()) for d in deltas]
+    fused = [float(b.norm()) for b in newton_schulz(grad.T.float()).T.split(64, dim=1)]
+    assert max(norms) / min(norms) < 1.5, norms
+    assert max(fused) / min(fused) > 3, fused  # what a fused orthogonalization would do

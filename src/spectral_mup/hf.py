@@ -34,6 +34,7 @@ tensor attributes.
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import torch
@@ -143,7 +144,23 @@ def parametrize(
     )
     _set_attention_scale(model, p, head_dim(base_config))
     _scale_branches(model, p.branch_multiplier(depth), depth)
+    model.smup_splits = fused_blocks(model)
     return roles
+
+
+def fused_blocks(model: nn.Module) -> dict[str, int]:
+    """Fused projections that optimizers which orthogonalize (Muon) must treat as equal
+    logical blocks: GPT-2's ``c_attn`` (q, k, v in one Conv1D), per parameter-name pattern."""
+    patterns = {}
+    for name, module in model.named_modules():
+        c_attn = getattr(module, "c_attn", None)
+        if (
+            c_attn is not None
+            and hasattr(module, "split_size")
+            and not getattr(module, "is_cross_attention", False)
+        ):
+            patterns[re.sub(r"\.\d+\.", ".*.", f"{name}.c_attn.weight")] = 3
+    return patterns
 
 
 def _set_attention_scale(model: nn.Module, p: Parametrization, d_base: int) -> None:
