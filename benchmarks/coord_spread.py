@@ -85,6 +85,21 @@ CHECKS = {
 }
 
 
+def _depth(arch: str, steps: int = 5, alphas=(1.0, 0.0)) -> dict:
+    """A depth check (2→16 at width 64, AdamW at LR) of one bundled model."""
+    return dict(
+        arch=arch,
+        axis="depth",
+        sizes=(2, 4, 8, 16),
+        kinds=("mup",),
+        depth_alphas=alphas,
+        optimizer="adamw",
+        lr=LR,
+        width=64,
+        steps=steps,
+    )
+
+
 def _llama(optimizer: str, model_options=None, **optimizer_kwargs) -> dict:
     """The Llama model at widths 64→512 with the CLI's base LR for ``optimizer``."""
     if optimizer == "muon":
@@ -119,37 +134,9 @@ CHECKS.update(
         "llama-muon-fused-gqa-256": dict(
             _llama("muon", model_options={"fused": True, "n_kv_heads": 1}), sizes=W[:3]
         ),
-        "llama-depth-20": dict(
-            arch="llama",
-            axis="depth",
-            sizes=(2, 4, 8, 16),
-            kinds=("mup",),
-            depth_alphas=(1.0, 0.5, 0.0),
-            optimizer="adamw",
-            lr=LR,
-            width=64,
-            steps=20,
-        ),
-        "depth-20": dict(
-            axis="depth",
-            sizes=(2, 4, 8, 16),
-            kinds=("mup",),
-            depth_alphas=(1.0, 0.5, 0.0),
-            optimizer="adamw",
-            lr=LR,
-            width=64,
-            steps=20,
-        ),
-        "llama-depth": dict(
-            arch="llama",
-            axis="depth",
-            sizes=(2, 4, 8, 16),
-            kinds=("mup",),
-            depth_alphas=(1.0, 0.0),
-            optimizer="adamw",
-            lr=LR,
-            width=64,
-        ),
+        "llama-depth-20": _depth("llama", steps=20, alphas=(1.0, 0.5, 0.0)),
+        "depth-20": _depth("gpt", steps=20, alphas=(1.0, 0.5, 0.0)),
+        "llama-depth": _depth("llama"),
     }
 )
 

@@ -134,12 +134,8 @@ def test_causal() -> None:
         torch.testing.assert_close(model(idx)[:, :10], model(changed)[:, :10])
 
 
-def test_fused_projections_equal_separate_ones() -> None:
-    torch.manual_seed(0)
-    sep, fused = (
-        Llama(small(n_heads=4, n_kv_heads=2)),
-        Llama(small(n_heads=4, n_kv_heads=2, fused=True)),
-    )
+def copy_into_fused(sep: Llama, fused: Llama) -> None:
+    """Give a fused model the separate model's weights (q, k, v and gate, up stacked by rows)."""
     with torch.no_grad():
         for a, b in zip(sep.layers, fused.layers, strict=True):
             b.attention.wqkv.weight.copy_(
@@ -152,6 +148,16 @@ def test_fused_projections_equal_separate_ones() -> None:
             b.feed_forward.w2.weight.copy_(a.feed_forward.w2.weight)
         fused.tok_embeddings.weight.copy_(sep.tok_embeddings.weight)
         fused.output.weight.copy_(sep.output.weight)
+
+
+def test_fused_projections_equal_separate_ones() -> None:
+    torch.manual_seed(0)
+    sep, fused = (
+        Llama(small(n_heads=4, n_kv_heads=2)),
+        Llama(small(n_heads=4, n_kv_heads=2, fused=True)),
+    )
+    copy_into_fused(sep, fused)
+    with torch.no_grad():
         idx = torch.randint(0, 11, (2, 16))
         torch.testing.assert_close(fused(idx), sep(idx))
     assert fused.smup_splits == {
@@ -165,18 +171,7 @@ def test_muon_orthogonalizes_each_fused_block_as_the_separate_matrices() -> None
     torch.manual_seed(0)
     p = smup.Parametrization(kind="mup", base_width=16, base_depth=2)
     sep, fused = Llama(small(), p), Llama(small(fused=True), p)
-    with torch.no_grad():
-        for a, b in zip(sep.layers, fused.layers, strict=True):
-            b.attention.wqkv.weight.copy_(
-                torch.cat([a.attention.wq.weight, a.attention.wk.weight, a.attention.wv.weight])
-            )
-            b.attention.wo.weight.copy_(a.attention.wo.weight)
-            b.feed_forward.w13.weight.copy_(
-                torch.cat([a.feed_forward.w1.weight, a.feed_forward.w3.weight])
-            )
-            b.feed_forward.w2.weight.copy_(a.feed_forward.w2.weight)
-        fused.tok_embeddings.weight.copy_(sep.tok_embeddings.weight)
-        fused.output.weight.copy_(sep.output.weight)
+    copy_into_fused(sep, fused)
     idx = torch.randint(0, 11, (4, 16))
     for model in (sep, fused):
         opt = smup.build_optimizer("muon", model, p, lr=0.02)
