@@ -4,6 +4,7 @@ the Hugging Face forward pass."""
 
 from __future__ import annotations
 
+import copy
 import math
 import pickle
 
@@ -127,7 +128,7 @@ def test_parametrized_model_deepcopies_and_pickles() -> None:
     idx = torch.randint(0, VOCAB, (2, 8))
     with torch.no_grad():
         want = model(idx).logits
-    for clone in (pickle.loads(pickle.dumps(model)),):
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         with torch.no_grad():
             torch.testing.assert_close(clone(idx).logits, want)
         assert clone.smup_roles == model.smup_roles

@@ -4,7 +4,7 @@ width and depth, from the spectral condition for feature learning."""
 from .errors import ConfigError, DataError, SmupError
 from .optim import build_optimizer
 from .parametrize import Parametrization, init_weights, param_groups, parametrize
-from .roles import ParamRole, infer_roles, register_layout
+from .roles import ParamRole, infer_roles, load_shapes, register_layout, save_shapes
 
 __version__ = "0.1.0"
 
@@ -18,7 +18,9 @@ __all__ = [
     "build_optimizer",
     "infer_roles",
     "init_weights",
+    "load_shapes",
     "param_groups",
     "parametrize",
     "register_layout",
+    "save_shapes",
 ]

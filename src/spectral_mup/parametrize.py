@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -16,7 +17,7 @@ from torch import nn
 
 from . import rules
 from .errors import ConfigError
-from .roles import ParamRole, canonical_name, infer_roles, module_layout
+from .roles import ParamRole, Shapes, canonical_name, infer_roles, module_layout
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.RMSNorm)
 
@@ -140,14 +141,33 @@ def _one_of(name: str, value: Any, allowed: tuple) -> None:
 
 
 def model_roles(model: nn.Module) -> dict[str, ParamRole]:
-    """The roles attached by ``parametrize`` (or by a bundled model)."""
-    roles = getattr(model, "smup_roles", None)
+    """The roles attached by ``parametrize`` (or by a bundled model), found through wrappers
+    (``torch.compile``'s ``_orig_mod``, DDP's ``module``; FSDP2 keeps the module itself)."""
+    roles = smup_attr(model, "smup_roles")
     if roles is None:
         raise ConfigError(
             "model has no roles; call spectral_mup.parametrize(model, p, base=...) first "
             "or pass roles=infer_roles(...)"
         )
     return roles
+
+
+def smup_attr(model: nn.Module, name: str) -> Any:
+    """``model.<name>`` (``smup_roles``, ``smup_splits``), found through wrappers that hold
+    the user's module as a child: ``torch.compile``'s ``_orig_mod``, DDP's ``module``, FSDP1's
+    ``_fsdp_wrapped_module`` (FSDP2 keeps the module itself). ``None`` if none has it."""
+    while True:
+        value = getattr(model, name, None)
+        if value is not None:
+            return value
+        children = model.__dict__.get("_modules", {})
+        inner = next(
+            (children[a] for a in ("_orig_mod", "module", "_fsdp_wrapped_module") if a in children),
+            None,
+        )
+        if inner is None:
+            return None
+        model = inner
 
 
 def _role_of(roles: dict[str, ParamRole], name: str) -> ParamRole:
@@ -189,8 +209,8 @@ def init_weights(
 def parametrize(
     model: nn.Module,
     p: Parametrization,
-    base: nn.Module,
-    delta: nn.Module | None = None,
+    base: nn.Module | Shapes | str | os.PathLike,
+    delta: nn.Module | Shapes | None = None,
     *,
     overrides: dict[str, rules.Role] | None = None,
     layouts: dict[str, str] | None = None,
@@ -198,7 +218,8 @@ def parametrize(
 ) -> dict[str, ParamRole]:
     """Make any ``nn.Module`` μP-ready (the hook for third-party models).
 
-    Infers roles against ``base`` (and ``delta``), stores them as ``model.smup_roles``,
+    Infers roles against ``base`` (and ``delta``) — modules, shape mappings or a shapes file
+    written once by ``save_shapes`` (``roles.infer_roles``) —, stores them as ``model.smup_roles``,
     scales the input of every readout layer (a tied head included) by the readout multiplier
     with a forward pre-hook, and (``init=True``) re-initializes the weights. Attention
     scaling and residual branch multipliers are forward-pass changes the model must make

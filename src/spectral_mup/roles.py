@@ -25,16 +25,20 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import json
+import os
 import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 
 from .errors import ConfigError
+from .fileio import write_json
 from .rules import ROLES, Role
 
 Layout = Literal["linear", "embedding", "transposed"]
@@ -142,7 +146,57 @@ def _aliases(model: nn.Module) -> dict[str, list[str]]:
     return {ns[0]: ns[1:] for ns in names.values() if len(ns) > 1}
 
 
-def _shapes(model: nn.Module | Mapping[str, torch.Size | tuple[int, ...]]) -> dict[str, tuple]:
+Shapes = Mapping[str, torch.Size | tuple[int, ...]]
+SHAPES_FORMAT = "spectral-mup-shapes-v1"
+
+
+def save_shapes(
+    path: str | Path, base: nn.Module | Shapes, delta: nn.Module | Shapes | None = None
+) -> Path:
+    """Write the parameter shapes of the base model (and of the delta model) to a JSON file
+    — microsoft/mup's ``.bsh`` — so that the training job can infer roles with
+    ``infer_roles(model, base=path)`` (or ``parametrize(model, p, base=path)``) without
+    importing or building the base model. Build ``base``/``delta`` on the ``meta`` device:
+    only shapes and names are read. Returns the path."""
+    doc = {"format": SHAPES_FORMAT, "base": _listed(base)}
+    if delta is not None:
+        doc["delta"] = _listed(delta)
+    return write_json(path, doc)
+
+
+def load_shapes(path: str | Path) -> tuple[dict[str, tuple], dict[str, tuple] | None]:
+    """The ``(base, delta)`` shapes of a file written by :func:`save_shapes` (``delta`` is
+    ``None`` when the file has none); a missing or foreign file is a one-line error."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"shapes file {path} does not exist; write it with save_shapes") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"shapes file {path} is not readable JSON ({exc}); rewrite it") from None
+    if not isinstance(doc, dict) or doc.get("format") != SHAPES_FORMAT:
+        raise ConfigError(
+            f"{path} is not a spectral-mup shapes file (format {SHAPES_FORMAT!r}); "
+            "write it with spectral_mup.save_shapes"
+        )
+
+    def shapes(key: str) -> dict[str, tuple] | None:
+        table = doc.get(key)
+        if table is None:
+            return None
+        if not isinstance(table, dict) or not all(
+            isinstance(s, list) and all(isinstance(d, int) for d in s) for s in table.values()
+        ):
+            raise ConfigError(f"{path}: {key!r} must map parameter names to lists of ints")
+        return {name: tuple(s) for name, s in table.items()}
+
+    return shapes("base") or {}, shapes("delta")
+
+
+def _listed(model: nn.Module | Shapes) -> dict[str, list[int]]:
+    return {name: list(shape) for name, shape in _shapes(model).items()}
+
+
+def _shapes(model: nn.Module | Shapes) -> dict[str, tuple]:
     if isinstance(model, nn.Module):
         return {canonical_name(n): tuple(p.shape) for n, p in model.named_parameters()}
     return {canonical_name(n): tuple(s) for n, s in model.items()}
@@ -150,8 +204,8 @@ def _shapes(model: nn.Module | Mapping[str, torch.Size | tuple[int, ...]]) -> di
 
 def infer_roles(
     model: nn.Module,
-    base: nn.Module | Mapping[str, tuple[int, ...]],
-    delta: nn.Module | Mapping[str, tuple[int, ...]] | None = None,
+    base: nn.Module | Shapes | str | os.PathLike,
+    delta: nn.Module | Shapes | None = None,
     *,
     overrides: Mapping[str, Role] | None = None,
     layouts: Mapping[str, Layout] | None = None,
@@ -160,8 +214,10 @@ def infer_roles(
 
     Args:
         model: the model to train.
-        base: the same architecture at the base width and base depth (a module — build it
-            on the ``meta`` device to make it free — or a name → shape mapping).
+        base: the same architecture at the base width and base depth: a module (build it
+            on the ``meta`` device to make it free), a name → shape mapping, or the path of
+            a file written by :func:`save_shapes` (whose delta shapes are used unless
+            ``delta`` is given).
         delta: the same architecture at another width (and, optionally, another depth);
             needed when ``model`` has the base width. Dimensions that differ between
             ``base`` and ``delta`` (or ``model``) grow with width.
@@ -184,6 +240,9 @@ def infer_roles(
             raise ConfigError(
                 f"layouts[{pattern!r}]: unknown layout {layout!r} (use one of {', '.join(LAYOUTS)})"
             )
+    if isinstance(base, str | os.PathLike):
+        base, file_delta = load_shapes(base)
+        delta = delta if delta is not None else file_delta
     model_shapes = _shapes(model)
     base_shapes = _shapes(base)
     other_shapes = _shapes(delta) if delta is not None else model_shapes

@@ -16,7 +16,7 @@ from torch import nn
 
 from .. import rules
 from ..errors import ConfigError
-from ..parametrize import Parametrization, param_groups
+from ..parametrize import Parametrization, param_groups, smup_attr
 from .adopt import ADOPT
 from .lamb import LAMB
 from .lion import Lion
@@ -181,7 +181,7 @@ def build_optimizer(
         decay_vectors=decay_vectors,
         shape_factor=options.get("shape_factor"),
         aux=aux,
-        splits=getattr(model, "smup_splits", None) if aux is not None else None,
+        splits=smup_attr(model, "smup_splits") if aux is not None else None,
         spectral_normalize=spectral_normalize,
         family=_family_override(spec, name, options),
     )
