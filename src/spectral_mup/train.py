@@ -220,7 +220,7 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] | None = print) -> dict[st
         hist = ckpt["history"]
         state = ckpt["state"]
         log(f"resumed from {ckpt_path} at iteration {state['iter']}")
-    fwd = torch.compile(model) if t.compile else model
+    fwd = torch.compile(model, fullgraph=True) if t.compile else model
 
     def save_checkpoint() -> None:
         save_torch(
