@@ -214,10 +214,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     from .config import load_config
+    from .distributed import main_process
     from .train import run
 
     cfg = load_config(args.config, overrides)
     result = run(cfg)
+    if not main_process():  # under torchrun, rank 0 reports
+        return 0
     best = result["best_val_loss"]
     best_text = f"{best:.4f} at iteration {result['best_iter']}" if best is not None else "n/a"
     print(

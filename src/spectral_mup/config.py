@@ -74,6 +74,9 @@ class TrainSection:
     dtype: str = "float32"  # float32 | bfloat16 (autocast)
     compile: bool = False
     progress: bool = True
+    grad_accum: int = 1  # micro-batches per step (per rank under torchrun)
+    parallel: str = "ddp"  # ddp | fsdp: how ranks share the model under torchrun
+    stop_at: int = 0  # pause this invocation at this iteration (checkpointed); 0 = off
 
 
 @dataclass(frozen=True)
@@ -96,17 +99,24 @@ class RunConfig:
         base_config(self.model, self.param)  # the base model must exist (heads divide it)
         get_spec(self.optim.name)  # unknown optimizer: fail before loading data
         t = self.train
-        for name in ("batch_size", "max_iters", "eval_interval", "eval_iters"):
+        for name in ("batch_size", "max_iters", "eval_interval", "eval_iters", "grad_accum"):
             if getattr(t, name) <= 0:
                 raise ConfigError(
                     f"train.{name} must be a positive integer, got {getattr(t, name)}"
                 )
-        for name in ("warmup_iters", "patience", "checkpoint_interval"):
+        for name in ("warmup_iters", "patience", "checkpoint_interval", "stop_at"):
             if getattr(t, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)}")
         if t.schedule not in ("cosine", "linear", "constant"):
             raise ConfigError(
                 f"train.schedule must be cosine, linear or constant, got {t.schedule!r}"
+            )
+        if t.parallel not in ("ddp", "fsdp"):
+            raise ConfigError(f"train.parallel must be ddp or fsdp, got {t.parallel!r}")
+        if t.batch_size % t.grad_accum:
+            raise ConfigError(
+                f"train.batch_size {t.batch_size} does not split into train.grad_accum "
+                f"{t.grad_accum} micro-batches; make it a multiple of {t.grad_accum}"
             )
         if t.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"train.dtype must be float32 or bfloat16, got {t.dtype!r}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import distributed
 from .config import RunConfig, model_config
 from .data import Dataset, load_dataset
+from .distributed import Context
 from .errors import CheckpointError
 from .fileio import save_torch, write_json
 from .models import build_model as build_bundled
@@ -29,9 +33,12 @@ CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
 WEIGHTS = "model.pt"
 _FORMAT = "spectral-mup-checkpoint-v1"
+SHARDED = "checkpoint-{:08d}.dcp"  # FSDP2: model and optimizer, beside checkpoint.pt
 # train.* keys that change how a run executes, not what it computes: outside a sweep run's
 # id (sweep.RUNTIME_KEYS) and free to change between a run and its resume
-RUNTIME_KEYS = frozenset({"out_dir", "resume", "progress", "device"})
+RUNTIME_KEYS = frozenset(
+    {"out_dir", "resume", "progress", "device", "grad_accum", "parallel", "stop_at"}
+)
 
 
 def lr_factor(cfg: RunConfig) -> Callable[[int], float]:
@@ -117,16 +124,30 @@ def update_hessian(
     x: torch.Tensor,
     grad_clip: float = 0.0,
     autocast: contextlib.AbstractContextManager | None = None,
+    ctx: Context | None = None,
+    grad_accum: int = 1,
 ) -> None:
     """Gauss–Newton–Bartlett estimate (Sophia): sample labels from the model's own
     predictive distribution, backprop the loss on them, and let the optimizer fold the
-    squared gradients into h. Uses the global RNG (saved in checkpoints)."""
-    with autocast or contextlib.nullcontext():
-        logits = model(x).float()
-    flat = logits.view(-1, logits.size(-1))
-    sampled = torch.multinomial(torch.softmax(flat.detach(), dim=-1), 1).view(-1)
+    squared gradients into h. ``x`` is the global batch; the uniforms that pick the labels
+    are drawn for all of it from the global RNG (saved in checkpoints), so every rank and
+    micro-batch split samples what one process does."""
+    ctx = ctx or Context()
+    u = torch.rand(x.shape, device=x.device)
+    rows = ctx.rows(x.size(0))
+    x, u = x[rows], u[rows]
+    micro = x.size(0) // grad_accum
     opt.zero_grad(set_to_none=True)
-    F.cross_entropy(flat, sampled).backward()
+    for i in range(grad_accum):
+        part = slice(i * micro, (i + 1) * micro)
+        with distributed.no_sync(ctx, model, i == grad_accum - 1):
+            with autocast or contextlib.nullcontext():
+                logits = model(x[part]).float()
+            flat = logits.view(-1, logits.size(-1))
+            cdf = torch.softmax(flat.detach(), dim=-1).cumsum(-1)
+            sampled = torch.searchsorted(cdf, u[part].reshape(-1, 1) * cdf[:, -1:]).view(-1)
+            loss = F.cross_entropy(flat, sampled.clamp_(max=flat.size(-1) - 1))
+            (loss / grad_accum if grad_accum > 1 else loss).backward()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     opt.update_hessian()
@@ -134,19 +155,28 @@ def update_hessian(
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: Dataset, cfg: RunConfig, split: str = "val") -> float:
+def evaluate(
+    model: torch.nn.Module,
+    data: Dataset,
+    cfg: RunConfig,
+    split: str = "val",
+    ctx: Context | None = None,
+) -> float:
     """Mean loss over ``eval_iters`` batches drawn from a fixed seed (the same batches at
-    every eval, and no draw from the training RNG)."""
+    every eval, and no draw from the training RNG); under torchrun each rank takes its rows
+    of every batch and the mean is all-reduced."""
+    ctx = ctx or Context()
     gen = torch.Generator().manual_seed(10_000 + cfg.train.seed)
     was_training = model.training
     model.eval()
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64)
     for _ in range(cfg.train.eval_iters):
         x, y = data.get_batch(split, cfg.train.batch_size, cfg.model.block_size, gen)
+        rows = ctx.rows(x.size(0))
         with _autocast(cfg):
-            total += loss_fn(model, x.to(cfg.train.device), y.to(cfg.train.device)).item()
+            total += loss_fn(model, x[rows].to(cfg.train.device), y[rows].to(cfg.train.device))
     model.train(was_training)
-    return total / cfg.train.eval_iters
+    return ctx.mean(total) / cfg.train.eval_iters
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -185,10 +215,23 @@ def _check_fingerprint(ckpt: dict[str, Any], cfg: RunConfig, path: Path) -> None
 
 
 def run(cfg: RunConfig, *, log: Callable[[str], None] | None = print) -> dict[str, Any]:
-    """Train one model; return (and write to ``out_dir/result.json``) the result."""
+    """Train one model; return (and write to ``out_dir/result.json``) the result. Under
+    ``torchrun`` every rank calls this; rank 0 logs and writes (distributed.py)."""
+    ctx = distributed.setup(cfg.train.parallel, cfg.train.device)
+    try:
+        return _run(cfg, ctx, log if ctx.main else None)
+    finally:
+        ctx.close()
+
+
+def _run(cfg: RunConfig, ctx: Context, log: Callable[[str], None] | None) -> dict[str, Any]:
     log = log or (lambda _msg: None)
     t = cfg.train
+    distributed.check_batch(ctx, t.batch_size, t.grad_accum)
     device = torch.device(t.device)
+    if device.type == "cuda" and ctx.world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", ctx.rank)))
+        torch.cuda.set_device(device)
     data = load_dataset(cfg.data.path or None, vocab_size=cfg.data.vocab_size or None)
     out = Path(t.out_dir)
     ckpt_path = out / CHECKPOINT
@@ -196,8 +239,18 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] | None = print) -> dict[st
     if ckpt is not None:
         _check_fingerprint(ckpt, cfg, ckpt_path)
 
+    sharded_ckpt = ckpt is not None and ckpt.get("sharded") is not None
+    if ckpt is not None and ctx.sharded and not sharded_ckpt:
+        raise CheckpointError(
+            f"{ckpt_path} was written without FSDP; resume it with train.parallel=ddp or one "
+            "process, or use another train.out_dir"
+        )
+
     torch.manual_seed(t.seed)
     model = build_model(cfg, data.vocab_size).to(device)
+    if ckpt is not None and not sharded_ckpt:
+        model.load_state_dict(ckpt["model"])
+    wrapped = distributed.wrap(ctx, model, device)  # FSDP2 shards ``model`` in place
     opt = build_run_optimizer(cfg, model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg))
     gen = torch.Generator().manual_seed(t.seed)
@@ -212,31 +265,40 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] | None = print) -> dict[st
         "stop_reason": None,
     }
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        if sharded_ckpt:
+            distributed.load_sharded(out / ckpt["sharded"], model, opt)
+        else:
+            opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         gen.set_state(ckpt["data_rng"])
         torch.set_rng_state(ckpt["torch_rng"])
         hist = ckpt["history"]
         state = ckpt["state"]
         log(f"resumed from {ckpt_path} at iteration {state['iter']}")
-    fwd = torch.compile(model, fullgraph=True) if t.compile else model
+    # the bundled models compile as one graph; DDP splits its graph at gradient buckets
+    fwd = torch.compile(wrapped, fullgraph=ctx.world == 1) if t.compile else wrapped
 
     def save_checkpoint() -> None:
-        save_torch(
-            ckpt_path,
-            {
-                "format": _FORMAT,
-                "config": fingerprint(cfg),
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "data_rng": gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "history": hist,
-                "state": dict(state),
-            },
-        )
+        meta = {
+            "format": _FORMAT,
+            "config": fingerprint(cfg),
+            "scheduler": sched.state_dict(),
+            "data_rng": gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "history": hist,
+            "state": dict(state),
+        }
+        if ctx.sharded:  # every rank writes its shards, then rank 0 the file naming them
+            meta["sharded"] = SHARDED.format(state["iter"])
+            distributed.save_sharded(ctx, out / meta["sharded"], model, opt)
+        else:
+            meta["model"], meta["optimizer"] = model.state_dict(), opt.state_dict()
+        if ctx.main:
+            save_torch(ckpt_path, meta)
+            for old in out.glob(SHARDED.format(0).replace("0" * 8, "*")):
+                if old.name != meta.get("sharded"):
+                    shutil.rmtree(old, ignore_errors=True)
+        ctx.barrier()
 
     status, stop_reason, diverged_at = "ok", state["stop_reason"] or "max_iters", None
     ckpt_every = t.checkpoint_interval or t.eval_interval
@@ -244,7 +306,7 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] | None = print) -> dict[st
     bar = tqdm(
         total=t.max_iters,
         initial=state["iter"],
-        disable=not t.progress or None,
+        disable=not (t.progress and ctx.main) or None,
         desc="train",
         unit="it",
         dynamic_ncols=True,
@@ -254,10 +316,19 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] | None = print) -> dict[st
     while state["iter"] < t.max_iters and state["stop_reason"] is None:
         x, y = data.get_batch("train", t.batch_size, cfg.model.block_size, gen)
         x, y = x.to(device), y.to(device)
+        rows = ctx.rows(x.size(0))  # this rank's rows, then micro-batches of them
+        xs, ys = x[rows].chunk(t.grad_accum), y[rows].chunk(t.grad_accum)
         opt.zero_grad(set_to_none=True)
-        with _autocast(cfg):
-            loss = loss_fn(fwd, x, y)
-        loss_value = loss.item()
+        total = None
+        for i, (xm, ym) in enumerate(zip(xs, ys, strict=True)):
+            with distributed.no_sync(ctx, fwd, i == t.grad_accum - 1):
+                with _autocast(cfg):
+                    loss = loss_fn(fwd, xm, ym)
+                if t.grad_accum > 1:
+                    loss = loss / t.grad_accum
+                loss.backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        loss_value = ctx.mean(total)
         if not math.isfinite(loss_value) or loss_value > ceiling:
             status, stop_reason, diverged_at = "diverged", "diverged", state["iter"]
             log(
@@ -265,13 +336,12 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] | None = print) -> dict[st
                 f"loss {loss_value:.4g} (ceiling {ceiling:.3g})"
             )
             break
-        loss.backward()
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         hist["lr"].append(sched.get_last_lr()[0])
         opt.step()
         if hessian_every and state["iter"] % hessian_every == hessian_every - 1:
-            update_hessian(fwd, opt, x, t.grad_clip, _autocast(cfg))
+            update_hessian(fwd, opt, x, t.grad_clip, _autocast(cfg), ctx, t.grad_accum)
         sched.step()
         state["iter"] += 1
         hist["train_loss"].append(loss_value)
@@ -279,7 +349,7 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] | None = print) -> dict[st
         bar.update(1)
         it = state["iter"]
         if it % t.eval_interval == 0 or it == t.max_iters:
-            val = evaluate(fwd, data, cfg)
+            val = evaluate(fwd, data, cfg, ctx=ctx)
             hist["val"].append([it, val])
             if val < state["best_val"]:
                 state["best_val"], state["best_iter"] = val, it
@@ -302,15 +372,21 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] | None = print) -> dict[st
                     f"no val improvement for {it - state['best_iter']} iterations"
                 )
                 break
-        if it % ckpt_every == 0 and it < t.max_iters:
+        if (it % ckpt_every == 0 or it == t.stop_at) and it < t.max_iters:
             state["elapsed"] = time.perf_counter() - start
             save_checkpoint()
+        if it == t.stop_at and it < t.max_iters:
+            stop_reason = "stop_at"  # paused: the checkpoint resumes it
+            log(f"stopped at iteration {it} (train.stop_at); rerun to continue")
+            break
     bar.close()
     state["elapsed"] = time.perf_counter() - start
-    if status == "ok":
+    if status == "ok" and stop_reason != "stop_at":
         state["stop_reason"] = stop_reason
         save_checkpoint()
-        save_torch(out / WEIGHTS, model.state_dict())
+        weights = distributed.full_model_state(ctx, model)  # a collective under FSDP2
+        if ctx.main:
+            save_torch(out / WEIGHTS, weights)
     tail = hist["train_loss"][-min(len(hist["train_loss"]), t.eval_interval) :]
     final_val = hist["val"][-1][1] if hist["val"] else None
     result = {
@@ -324,10 +400,12 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] | None = print) -> dict[st
         "diverged_at": diverged_at,
         "tokens": state["iter"] * t.batch_size * cfg.model.block_size,
         "wall_time": state["elapsed"],
-        "num_params": sum(p.numel() for p in model.parameters()),
+        "num_params": sum(p.numel() for p in model.parameters()),  # FSDP2: DTensor's global size
         "data": data.source,
         "config": cfg.to_dict(),
         "history": hist,
     }
-    write_json(out / RESULT, result)
+    if ctx.main:
+        write_json(out / RESULT, result)
+    ctx.barrier()
     return result

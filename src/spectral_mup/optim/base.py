@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from .sharded import is_sharded, whole, write_back
+
 
 def check_hparams(**values: Any) -> None:
     """Reject invalid hyperparameters with a ValueError that names them."""
@@ -30,7 +32,13 @@ def run_closure(closure: Callable[[], float] | None) -> float | None:
 
 class ParamwiseOptimizer(Optimizer):
     """``step`` runs the closure, then ``update(group, p, grad, state)`` for every parameter
-    with a gradient (negated under ``maximize``); subclasses write only the update."""
+    with a gradient (negated under ``maximize``); subclasses write only the update.
+
+    ``whole_matrices = True`` (an optimizer that treats a matrix as an operator): on FSDP2's
+    sharded parameters ``update`` sees the whole parameter and gradient (gathered; its state
+    whole on every rank) and each rank keeps its shard of the result (``sharded.py``)."""
+
+    whole_matrices = False
 
     def update(self, group: dict, p: torch.Tensor, grad: torch.Tensor, state: dict) -> None:
         raise NotImplementedError
@@ -53,5 +61,10 @@ class ParamwiseOptimizer(Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 grad = -p.grad if group.get("maximize", False) else p.grad
-                self.update(group, p, grad, self.state[p])
+                if self.whole_matrices and is_sharded(p):
+                    full = whole(p)
+                    self.update(group, full, whole(grad), self.state[p])
+                    write_back(p, full)
+                else:
+                    self.update(group, p, grad, self.state[p])
         return loss

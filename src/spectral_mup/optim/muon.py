@@ -28,6 +28,7 @@ from torch.optim import Optimizer
 
 from ..rules import SHAPE_FACTORS
 from .base import check_hparams, run_closure
+from .sharded import is_sharded, whole, write_back
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -165,19 +166,25 @@ class Muon(Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - mu)
                 update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
-                matrix = _logical(update, group)
+                matrix = _logical(whole(update), group)  # never a shard (sharded.py)
                 row = 0
                 for size in _row_sizes(group, matrix.size(0)):
                     pending.append((group, p, row, matrix[row : row + size]))
                     row += size
+        gathered = {}  # FSDP2 shard → its whole parameter, updated, then written back
         for group, p, row, ortho in self._orthogonalize(pending):
+            if is_sharded(p) and p not in gathered:
+                gathered[p] = whole(p)
+            target = gathered.get(p, p)
             if row == 0:
-                p.mul_(1 - group["lr"] * group["weight_decay"])
+                target.mul_(1 - group["lr"] * group["weight_decay"])
             rows, cols = ortho.shape
             factor = SHAPE_FACTORS[group["shape_factor"]](cols, rows)
             # the block's rows of the (fan_out, fan_in) view of p, written in place
-            view = p.mT if group.get("transposed", False) else p.view(p.size(0), -1)
+            view = target.mT if group.get("transposed", False) else target.view(p.size(0), -1)
             view[row : row + rows].add_(ortho, alpha=-group["lr"] * factor)
+        for p, full in gathered.items():
+            write_back(p, full)
         return loss
 
     def _orthogonalize(self, pending):

@@ -52,6 +52,8 @@ class Shampoo(ParamwiseOptimizer):
     grafting: none | sgd | adagrad | adam, with grafting_beta2 (adam) and grafting_eps.
     """
 
+    whole_matrices = True  # preconditioners need the whole gradient (sharded.py)
+
     def __init__(
         self,
         params,

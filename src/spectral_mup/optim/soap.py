@@ -53,6 +53,8 @@ class SOAP(ParamwiseOptimizer):
     normalize_grads, correct_bias, block_size (None: no blocking).
     """
 
+    whole_matrices = True  # preconditioners need the whole gradient (sharded.py)
+
     def __init__(
         self,
         params,

@@ -22,6 +22,8 @@ from collections.abc import Callable
 import torch
 from torch.optim import Optimizer
 
+from .sharded import is_sharded, whole, write_back
+
 
 class SpectralNormalized(Optimizer):
     """Args:
@@ -70,8 +72,10 @@ class SpectralNormalized(Optimizer):
             for p in group["params"]:
                 if p not in before:
                     continue
-                old = before[p]
-                update = p - old
+                old, current = before[p], p
+                if is_sharded(p):  # FSDP2: normalize the whole matrix (sharded.py)
+                    old, current = whole(old), whole(p)
+                update = current - old
                 if p.ndim >= 2 and role == "input":
                     rms = update.pow(2).mean().sqrt()
                     if rms > 0:
@@ -82,7 +86,11 @@ class SpectralNormalized(Optimizer):
                     if sigma > 0:
                         target = lr * math.sqrt(matrix.size(0) / matrix.size(1))
                         update = update * (target / (group.get("forward_mult", 1.0) * sigma))
-                p.copy_(old.mul_(1 - lr * wd).add_(update))
+                new = old.mul_(1 - lr * wd).add_(update)
+                if is_sharded(p):
+                    write_back(p, new)
+                else:
+                    p.copy_(new)
         return loss
 
     def _top_singular_value(self, p: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
