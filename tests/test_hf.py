@@ -177,19 +177,6 @@ def _hf_coord(build, optimizer="adamw", lr=1e-3, base=64, seeds=(0, 1, 2)):
     gen = torch.Generator().manual_seed(1234)
     batches = [dataset.get_batch("train", 8, 64, gen) for _ in range(5)]
 
-    def loss(model, x, y):
-        logits = model(x).logits
-        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
-
-    def taps(model):
-        layers = model.model.layers if hasattr(model, "model") else model.transformer.h
-        attn = "self_attn" if hasattr(layers[0], "self_attn") else "attn"
-        out = {f"block{i}.attn": getattr(layer, attn) for i, layer in enumerate(layers)}
-        out.update({f"block{i}.mlp": layer.mlp for i, layer in enumerate(layers)})
-        out["residual"] = layers[-1]
-        out["logits"] = model.lm_head
-        return out
-
     params = {
         "sp": smup.Parametrization(kind="sp"),
         "mup": smup.Parametrization(kind="mup", base_width=base, base_depth=2),
@@ -199,10 +186,10 @@ def _hf_coord(build, optimizer="adamw", lr=1e-3, base=64, seeds=(0, 1, 2)):
         params,
         (64, 128, 256),
         batches,
-        loss=loss,
+        loss=hf.causal_lm_loss,
         optimizer=optimizer,
         lr=lr,
-        taps=taps,
+        taps=hf.coord_taps,
         seeds=seeds,
         split_terms=("logits",),
     )

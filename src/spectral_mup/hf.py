@@ -216,3 +216,32 @@ def _scale_branches(model: nn.Module, multiplier: float, depth: int) -> None:
     for layer, names in zip(layers, branches, strict=True):
         for name in names:
             getattr(layer, name).register_forward_hook(BranchMultiplier(multiplier))
+
+
+# ------------------------------------------------------------------ coordinate check
+
+
+def causal_lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of a causal LM whose output has ``.logits``."""
+    logits = model(x).logits
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+
+def coord_taps(model: nn.Module) -> dict[str, nn.Module]:
+    """The coordinate check's layer groups of a decoder LM (the bundled models' names): each
+    layer's attention and MLP branch (``block{i}.attn``, ``block{i}.mlp``), the residual
+    stream after the last layer and the logits."""
+    depth = _get(model.config, DEPTH_KEY)
+    layers = _decoder_layers(model, depth)
+    names = next((b for b in BRANCHES if layers and all(hasattr(layers[0], n) for n in b)), None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if names is None or head is None:
+        raise ConfigError(
+            f"cannot find the decoder layers' {' or '.join('/'.join(b) for b in BRANCHES)} "
+            f"branches or the head of {type(model).__name__}; pass taps= to coord_check"
+        )
+    out = {}
+    for i, layer in enumerate(layers):
+        out[f"block{i}.attn"], out[f"block{i}.mlp"] = (getattr(layer, n) for n in names)
+    out["residual"], out["logits"] = layers[-1], head
+    return out
