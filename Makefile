@@ -25,8 +25,8 @@ demo: $(VENV)/.installed
 	$(SMUP) report runs/sweeps/demo.sqlite
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
 
 test: lint
 	$(VENV)/bin/pytest -q

@@ -30,6 +30,7 @@ LRS = {
 }
 
 RESUMED = ("adamw", "muon", "shampoo")
+SPECTRAL = ("--optim.spectral_normalize", "true")  # AdamW with §6's normalized updates
 
 
 def tiny(out_dir: Path, optimizer: str, *overrides: str) -> RunConfig:
@@ -54,6 +55,58 @@ def curve(result: dict) -> dict:
     return {"train": result["history"]["train_loss"], "val": result["history"]["val"]}
 
 
+def hf_gpt2_muon(sharded: bool, steps: int = 5) -> list[float]:
+    """A μP HF GPT-2 (tied head, Conv1D, fused c_attn: three Muon blocks) trained by Muon in
+    a plain loop, each step's batch in two halves: one per rank, ``fully_shard`` per layer
+    and root (``sharded``), or both halves accumulated by one process."""
+    import torch.nn.functional as F
+    import transformers
+
+    import spectral_mup as smup
+    from spectral_mup import hf
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        vocab_size=65,
+        n_positions=32,
+        n_embd=64,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=0,
+        resid_pdrop=0.0,  # dropout masks depend on how the batch is split
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        eos_token_id=0,
+    )
+    model = transformers.GPT2LMHeadModel(cfg)
+    p = smup.Parametrization(kind="mup", base_width=32, base_depth=1)
+    hf.parametrize(model, p)
+    halves = [dist.get_rank()] if sharded else [0, 1]
+    if sharded:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
+    opt = smup.build_optimizer("muon", model, p, lr=0.05, weight_decay=0.1)
+    x = torch.randint(0, 65, (4, 17), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(steps):  # one batch, memorized
+        opt.zero_grad(set_to_none=True)
+        total = torch.zeros(())
+        for half in halves:
+            xs = x[2 * half : 2 * half + 2]
+            logits = model(xs[:, :-1]).logits
+            loss = F.cross_entropy(logits.flatten(0, 1), xs[:, 1:].flatten()) / 2
+            loss.backward()
+            total += loss.detach()
+        if sharded:
+            dist.all_reduce(total)
+        opt.step()
+        losses.append(total.item())
+    return losses
+
+
 def main() -> None:
     out, optimizers = Path(sys.argv[1]), sys.argv[2:]
     torch.set_num_threads(1)
@@ -63,6 +116,11 @@ def main() -> None:
         for name in optimizers:
             cfg = tiny(out / parallel / name, name, "--train.parallel", parallel)
             curves[f"{parallel}/{name}"] = curve(run(cfg, log=None))
+        cfg = tiny(out / parallel / "spectral", "adamw", "--train.parallel", parallel, *SPECTRAL)
+        curves[f"{parallel}/spectral"] = curve(run(cfg, log=None))
+    for stop in ("--train.stop_at", "10"), ():  # DDP: paused and resumed by 2 ranks
+        cfg = tiny(out / "resume-ddp" / "adamw", "adamw", "--train.parallel", "ddp", *stop)
+        curves["resume-ddp/adamw"] = curve(run(cfg, log=None))
     # paused by 2 ranks; the tests resume them on 2 ranks and on 1 (Shampoo: whole state)
     for name in [n for n in RESUMED if n in optimizers]:
         for copy in ("resume2", "resume1"):
@@ -70,6 +128,7 @@ def main() -> None:
             run(cfg, log=None)
         cfg = tiny(out / "resume2" / name, name, "--train.parallel", "fsdp")
         curves[f"resume2/{name}"] = curve(run(cfg, log=None))
+    curves["fsdp/hf-gpt2-muon"] = hf_gpt2_muon(sharded=True)
     if dist.get_rank() == 0:
         (out / "curves.json").write_text(json.dumps(curves))
     dist.destroy_process_group()

@@ -25,7 +25,7 @@ import torch
 from spectral_mup.train import run
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dist_worker import LRS, RESUMED, tiny
+from dist_worker import LRS, RESUMED, SPECTRAL, hf_gpt2_muon, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 OPTIMIZERS = sorted(LRS)
@@ -65,6 +65,29 @@ def test_two_ranks_train_what_one_process_trains(tmp_path, ranks, name: str) -> 
         vals = [v for _, v in split["history"]["val"]]
         assert [v for _, v in got["val"]] == pytest.approx(vals, rel=1e-6)
         assert rel(got["train"], one) <= (2e-4 if name == "soap" else 1e-5), parallel
+
+
+def test_spectral_normalization_on_two_ranks(tmp_path, ranks) -> None:
+    """§6's normalized updates need each matrix's top singular value: gathered, not per shard."""
+    _, curves = ranks
+    split = run(tiny(tmp_path, "adamw", "--train.grad_accum", "2", *SPECTRAL), log=None)
+    for parallel in ("ddp", "fsdp"):
+        assert rel(curves[f"{parallel}/spectral"]["train"], split["history"]["train_loss"]) <= 1e-6
+
+
+def test_an_hf_gpt2_sharded_by_fsdp2_trains_like_one_process(ranks) -> None:
+    """The own-loop recipe (docs/your-model.md): hf.parametrize, fully_shard, build_optimizer.
+    Muon gathers each fused c_attn and orthogonalizes its q, k, v blocks whole."""
+    _, curves = ranks
+    one = hf_gpt2_muon(sharded=False)
+    got = curves["fsdp/hf-gpt2-muon"]
+    assert one[-1] < one[0] - 0.05, one
+    assert max(abs(a - b) / b for a, b in zip(got, one, strict=True)) <= 1e-6
+
+
+def test_ddp_checkpoint_resumes_exactly(ranks) -> None:
+    _, curves = ranks
+    assert curves["resume-ddp/adamw"]["train"] == curves["ddp/adamw"]["train"]
 
 
 @pytest.mark.parametrize("name", RESUMED)

@@ -147,3 +147,38 @@ def test_wrappers_keep_the_groups(process_group, optimizer) -> None:
     fully_shard(sharded, mesh=mesh)
     assert type(next(sharded.parameters())).__name__ == "DTensor"
     assert groups(sharded, optimizer) == want
+
+
+def test_an_hf_llama_sharded_by_fsdp2_steps_with_muon(process_group) -> None:
+    """hf.parametrize, then fully_shard each decoder layer and the root: the optimizer finds
+    every role by name and Muon steps the (one-rank) DTensors like the unsharded model."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from spectral_mup import hf
+    from test_hf import llama as hf_llama
+
+    p = Parametrization(kind="mup", base_width=32, base_depth=1)
+
+    def llama() -> nn.Module:
+        torch.manual_seed(0)
+        model = hf_llama(width=64, depth=2, heads=4, kv=2, ffn=128)
+        hf.parametrize(model, p)
+        return model
+
+    plain, sharded = llama(), llama()
+    mesh = init_device_mesh("cpu", (1,))
+    for layer in sharded.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    idx = torch.randint(0, 65, (2, 16))  # test_hf's vocabulary
+    losses = []
+    for model in (plain, sharded):
+        opt = build_optimizer("muon", model, p, lr=0.02)
+        for _ in range(3):
+            opt.zero_grad()
+            loss = hf.causal_lm_loss(model, idx, idx)
+            loss.backward()
+            opt.step()
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
