@@ -84,6 +84,9 @@ def test_gpt2_fixed_head_count_gets_mups_attention_scale() -> None:
     scales = [m.scaling for m in model.modules() if hasattr(m, "scaling")]
     assert scales == pytest.approx([math.sqrt(8) / 32] * 4)
     assert _branch_hooks(model) == []  # base depth: no multiplier
+    del model.transformer.h[2].attn.scaling  # a layer that keeps its scale elsewhere
+    with pytest.raises(ConfigError, match=r"3 of its 4 layers' attention modules keep"):
+        hf.parametrize(model, p, heads="count")
 
 
 def test_gpt2_inverse_layer_idx_scaling_is_kept() -> None:

@@ -167,11 +167,13 @@ def _set_attention_scale(model: nn.Module, p: Parametrization, d_base: int) -> N
     attention = [m for m in model.modules() if hasattr(m, "scaling") and hasattr(m, "head_dim")]
     needed = p.attention_scale(head_dim(model.config), d_head_base=d_base)
     sp = p.attention_scale(head_dim(model.config), d_head_base=head_dim(model.config))
-    if not attention and abs(needed - sp) > 1e-12 * sp:
+    depth = _get(model.config, DEPTH_KEY)
+    if len(attention) < depth and abs(needed - sp) > 1e-12 * sp:
         raise ConfigError(
-            f"{type(model).__name__} has no attention module with a `scaling` attribute, so "
-            "μP's attention scale cannot be set; keep the head size fixed (heads='size') or "
-            "set Parametrization(attention='sp')"
+            f"{type(model).__name__}: {len(attention)} of its {depth} layers' attention modules "
+            "keep their scale as a `scaling` attribute, so μP's attention scale cannot be set "
+            "on all of them; keep the head size fixed (heads='size') or set "
+            "Parametrization(attention='sp')"
         )
     for module in attention:
         if getattr(module, "scale_attn_weights", True) is False:
