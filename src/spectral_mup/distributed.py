@@ -7,8 +7,9 @@ Every rank draws the same global batch from the same generator and trains on its
 at the same batch: each micro-batch's loss is divided by the number of micro-batches in the
 step, gradients are averaged over ranks, and the logged loss is the all-reduced mean. Rank 0
 alone logs and writes files. Checkpoints: DDP writes the single-process file (rank 0);
-FSDP2 writes a ``torch.distributed.checkpoint`` directory beside it, which resumes on any
-number of ranks, one included.
+FSDP2 writes a ``torch.distributed.checkpoint`` directory beside it, which DCP reshards on
+load (tested: written by 2 ranks, resumed by 2 and by 1). ``train.out_dir`` must be on a
+filesystem every rank sees.
 """
 
 from __future__ import annotations
