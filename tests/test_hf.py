@@ -14,8 +14,7 @@ import torch.nn.functional as F
 import transformers  # the [hf] extra, also in [test]
 
 import spectral_mup as smup
-from spectral_mup import hf
-from spectral_mup.coord import coord_check
+from spectral_mup import coord_check, hf  # coord_check: the binding name (DESIGN.md)
 from spectral_mup.data import load_dataset
 from spectral_mup.errors import ConfigError
 

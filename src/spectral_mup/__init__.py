@@ -1,6 +1,7 @@
 """spectral-mup: zero-shot hyperparameter transfer (μP) for every LLM optimizer, across
 width and depth, from the spectral condition for feature learning."""
 
+from .coord import coord_check
 from .errors import ConfigError, DataError, SmupError
 from .optim import build_optimizer
 from .parametrize import Parametrization, init_weights, param_groups, parametrize
@@ -16,6 +17,7 @@ __all__ = [
     "SmupError",
     "__version__",
     "build_optimizer",
+    "coord_check",
     "infer_roles",
     "init_weights",
     "load_shapes",
