@@ -95,6 +95,9 @@ def test_shapes_file_errors(tmp_path) -> None:
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="not readable JSON"):
         smup.load_shapes(bad)
+    bad.write_text('{"format": "spectral-mup-shapes-v1"}')
+    with pytest.raises(ConfigError, match="has no 'base' shapes"):
+        smup.load_shapes(bad)
     bad.write_text('{"format": "spectral-mup-shapes-v1", "base": {"w": "64x16"}}')
     with pytest.raises(ConfigError, match="must map parameter names to lists of ints"):
         smup.load_shapes(bad)

@@ -189,7 +189,10 @@ def load_shapes(path: str | Path) -> tuple[dict[str, tuple], dict[str, tuple] | 
             raise ConfigError(f"{path}: {key!r} must map parameter names to lists of ints")
         return {name: tuple(s) for name, s in table.items()}
 
-    return shapes("base") or {}, shapes("delta")
+    base = shapes("base")
+    if not base:
+        raise ConfigError(f"{path} has no 'base' shapes; write it with save_shapes(path, base)")
+    return base, shapes("delta")
 
 
 def _listed(model: nn.Module | Shapes) -> dict[str, list[int]]:
