@@ -34,7 +34,9 @@ WORKER = Path(__file__).with_name("dist_worker.py")
 
 def torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *args]
+    # --standalone: a free port on localhost, so concurrent runs (two CI jobs) cannot collide
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += list(args)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
