@@ -343,3 +343,14 @@ def test_coord_check_bad_model_option(capsys, tmp_path) -> None:
     assert "ffn_ratio" in msg and "mlp_ratio" not in msg.split("got")[0]
     msg = coord_fail(capsys, tmp_path, "--arch", "mamba")
     assert msg == "smup: error: model.arch must be one of gpt, llama, got 'mamba'"
+
+
+def test_commands_other_than_train_refuse_torchrun(capsys, tmp_path, monkeypatch) -> None:
+    """Under torchrun every rank would run the whole sweep into the same store."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    msg = fail(capsys, ["sweep", str(tmp_path / "spec.toml")])
+    assert msg == (
+        "smup: error: smup sweep runs in one process (sweeps start their own workers); "
+        "launch it without torchrun — only smup train runs on several ranks"
+    )
+    assert not list(tmp_path.iterdir())

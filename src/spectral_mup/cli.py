@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -193,6 +194,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if args.command != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # every rank would run the whole command and write the same files
+            raise ConfigError(
+                f"smup {args.command} runs in one process (sweeps start their own workers); "
+                "launch it without torchrun — only smup train runs on several ranks"
+            )
         if args.command == "train":
             return _train(args, extra)
         if args.command == "coord-check":
