@@ -17,7 +17,14 @@ from torch import nn
 
 from . import rules
 from .errors import ConfigError
-from .roles import ParamRole, Shapes, canonical_name, infer_roles, module_layout
+from .roles import (
+    WRAPPER_ATTRS,
+    ParamRole,
+    Shapes,
+    canonical_name,
+    infer_roles,
+    module_layout,
+)
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.RMSNorm)
 
@@ -155,14 +162,15 @@ def model_roles(model: nn.Module) -> dict[str, ParamRole]:
 def smup_attr(model: nn.Module, name: str) -> Any:
     """``model.<name>`` (``smup_roles``, ``smup_splits``), found through wrappers that hold
     the user's module as a child: ``torch.compile``'s ``_orig_mod``, DDP's ``module``, FSDP1's
-    ``_fsdp_wrapped_module`` (FSDP2 keeps the module itself). ``None`` if none has it."""
+    ``_fsdp_wrapped_module`` (``roles.WRAPPER_ATTRS``; FSDP2 keeps the module itself).
+    ``None`` if none has it."""
     while True:
         value = getattr(model, name, None)
         if value is not None:
             return value
         children = model.__dict__.get("_modules", {})
         inner = next(
-            (children[a] for a in ("_orig_mod", "module", "_fsdp_wrapped_module") if a in children),
+            (children[a] for a in WRAPPER_ATTRS if a in children),
             None,
         )
         if inner is None:

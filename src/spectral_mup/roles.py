@@ -58,12 +58,10 @@ _LAYOUT_REGISTRY: dict[type, dict[str, str]] = {
     },
 }
 
-_WRAPPER_PREFIXES = (
-    "_orig_mod.",
-    "module.",
-    "_fsdp_wrapped_module.",
-    "_checkpoint_wrapped_module.",
-)
+# attributes under which wrappers hold the user's module (torch.compile, DDP, FSDP1,
+# activation checkpointing); their names prefix the parameter names
+WRAPPER_ATTRS = ("_orig_mod", "module", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+_WRAPPER_PREFIXES = tuple(f"{a}." for a in WRAPPER_ATTRS)
 
 
 @dataclass(frozen=True)
