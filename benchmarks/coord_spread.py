@@ -149,11 +149,12 @@ def _patched(name: str | None):
     if name is None:
         return lambda: None
     if name == "lamb_paper":
-        old = rules.FAMILIES["trust_ratio"]
-        rules.FAMILIES["trust_ratio"] = dataclasses.replace(
-            old, norm=lambda fi, fo, c, r: math.sqrt(fo / fi)
+        old = rules.OPTIMIZER_RULES["lamb"]
+        paper = dataclasses.replace(
+            old.family("hidden"), norm=lambda fi, fo, c, r: math.sqrt(fo / fi)
         )
-        return lambda: rules.FAMILIES.__setitem__("trust_ratio", old)
+        rules.OPTIMIZER_RULES["lamb"] = dataclasses.replace(old, families={"*": paper})
+        return lambda: rules.OPTIMIZER_RULES.__setitem__("lamb", old)
     attr, value = {
         "grafted_as_adamw": ("grafted_family", lambda block_size: rules.FAMILIES["entrywise"]),
         "soap_orthogonalized": ("soap_family", lambda b: rules.FAMILIES["orthogonalized"]),

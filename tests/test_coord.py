@@ -217,10 +217,10 @@ def test_lamb_with_the_seed_papers_constant_lr_is_not_flat(monkeypatch):
 
     kwargs = dict(sizes=WIDTHS, kinds=("mup",), optimizer="lamb", lr=3e-3, seeds=(0, 1, 2))
     ours = mean_hidden(model_coord_check(**kwargs).slopes()["mup"])
-    paper = dataclasses.replace(
-        rules.FAMILIES["trust_ratio"], norm=lambda fi, fo, c, r: math.sqrt(fo / fi)
-    )
-    monkeypatch.setitem(rules.FAMILIES, "trust_ratio", paper)
+    lamb = rules.OPTIMIZER_RULES["lamb"]
+    paper = dataclasses.replace(lamb.family("hidden"), norm=lambda fi, fo, c, r: math.sqrt(fo / fi))
+    lamb_paper = dataclasses.replace(lamb, families={"*": paper})
+    monkeypatch.setitem(rules.OPTIMIZER_RULES, "lamb", lamb_paper)
     constant = mean_hidden(model_coord_check(**kwargs).slopes()["mup"])
     assert constant - ours >= 0.12 and constant >= 0.12, (constant, ours)
 

@@ -271,7 +271,7 @@ def test_build_optimizer_routing_and_state_dict():
         assert len(group["names"]) == len(group["params"])
         for name in group["names"]:
             seen.append(name)
-            rule = p.scales("muon", roles[name], "spectral").lr
+            rule = p.scales("muon", roles[name]).lr
             hidden = "attn.c_" in name or "mlp.c_" in name
             if hidden and shapes[name].ndim == 2:
                 assert group["aux"] is False, name

@@ -8,8 +8,8 @@ from spectral_mup import rules
 from spectral_mup.optim import REGISTRY
 
 M, ML = 8.0, 4.0  # width and depth multipliers used throughout
-ADAM = rules.family_of("adamw")
-SGD = rules.family_of("sgd")
+ADAM = rules.FAMILIES["entrywise"]
+SGD = rules.FAMILIES["raw_gradient"]
 
 
 def scales(family, role, alpha=1.0, in_block=False, readout="multiplier", vocab=65):
@@ -60,20 +60,20 @@ def test_lamb_width_row(role, lr, eps, vocab):
     """Measured rule (docs/RULES.md §3): hidden η/sqrt(m); λ stays inside the trust ratio.
     Input and readout keep η whether the vocabulary is below the width (65 at widths 64→512,
     the base width just under it) or far above it (GPT-2's 50257)."""
-    s = scales(rules.family_of("lamb"), role, vocab=vocab)
+    s = scales(rules.FAMILIES["trust_ratio"], role, vocab=vocab)
     assert s.lr == pytest.approx(lr)
     assert s.weight_decay == 1.0
     assert s.eps == pytest.approx(eps)
 
 
 @pytest.mark.parametrize("vocab", [65, 50257])
-@pytest.mark.parametrize("optimizer", sorted(rules.OPTIMIZER_FAMILY))
+@pytest.mark.parametrize("optimizer", sorted(rules.OPTIMIZER_RULES))
 def test_embedding_and_readout_rules_do_not_depend_on_the_vocabulary_size(optimizer, vocab):
     """RULES.md §3 "Vocabulary larger than width": a rule follows which fans grow. The input
     and output rows of every optimizer, and of every Shampoo/SOAP option family, are the
     same at vocab 65 and 50257, at widths 64→512 (the issue's LAMB 0.5 and grafted 2.0 at
     vocab 50257, m = 4, were wrong)."""
-    families = [rules.family_of(optimizer, "input")]
+    families = [rules.rule_for(optimizer).family("input")]
     if optimizer in ("shampoo", "soap"):
         families += [rules.grafted_family(), rules.grafted_family(128)]
         families += [rules.kronecker_family(block_size=128), rules.preconditioned_family("sgd")]
@@ -90,7 +90,7 @@ def test_embedding_and_readout_rules_do_not_depend_on_the_vocabulary_size(optimi
 def test_entrywise_optimizers_share_adamw_rules(optimizer):
     for role in rules.ROLES:
         for alpha in rules.DEPTH_ALPHAS:
-            mine = scales(rules.family_of(optimizer), role, alpha, in_block=True)
+            mine = scales(rules.rule_for(optimizer).family(role), role, alpha, in_block=True)
             assert mine == scales(ADAM, role, alpha, in_block=True)
 
 
@@ -167,11 +167,11 @@ def test_attention_scale():
 
 
 def test_registry_and_rules_cover_the_same_optimizers():
-    assert set(REGISTRY) == set(rules.OPTIMIZER_FAMILY)
+    assert set(REGISTRY) == set(rules.OPTIMIZER_RULES)
     with pytest.raises(
         KeyError, match="known: adamw, adopt, lamb, lion, muon, sgd, shampoo, soap, sophia"
     ):
-        rules.family_of("lion9")
+        rules.rule_for("lion9")
 
 
 def _hidden_lr(family, width, base=64):
@@ -227,7 +227,7 @@ def test_soap_family_entrywise_unblocked_qiu_blocked():
     assert rules.soap_family(0) is ADAM
     b128 = rules.soap_family(128)
     assert [_hidden_lr(b128, w) for w in (64, 128, 256, 512)] == pytest.approx([1, 1, 0.5, 0.25])
-    assert rules.family_of("soap", "vector") is ADAM
+    assert rules.rule_for("soap", {"block_size": 128}).family("vector") is ADAM
 
 
 def test_preconditioned_family_by_options():
@@ -235,9 +235,11 @@ def test_preconditioned_family_by_options():
     assert rules.preconditioned_family("adagrad", block_size=128).name == "grafted(block=128)"
     assert rules.preconditioned_family("sgd") is SGD
     assert rules.preconditioned_family("none", block_size=0).name == "orthogonalized"
-    # override applies to matrices only: Shampoo's vectors stay entrywise
-    vec = rules.family_of("shampoo", "vector", override=rules.kronecker_family(block_size=8))
-    assert vec is ADAM
+    # options choose the matrices' family only: Shampoo's vectors stay entrywise
+    opts = {"grafting": "none", "exponents": (0.25, 0.25), "block_size": 8}
+    shampoo = rules.rule_for("shampoo", opts)
+    assert shampoo.family("hidden").name == "kronecker(e=0.25+0.25, block=8)"
+    assert shampoo.family("vector") is ADAM
 
 
 @pytest.mark.parametrize(
@@ -260,7 +262,26 @@ def test_eps_rules(role, entry, gram):
     assert rules.eps_multiplier("entry", role, m_in, m_out, c, a) == pytest.approx(entry)
     assert rules.eps_multiplier("gram", role, m_in, m_out, c, a) == pytest.approx(gram)
     assert rules.eps_multiplier(None, role, m_in, m_out, c, a) == 1.0
-    assert rules.eps_rule("shampoo", rules.FAMILIES["orthogonalized"]) == "gram"
-    assert rules.eps_rule("soap", rules.FAMILIES["orthogonalized"]) == "entry"
-    assert rules.eps_rule("muon", rules.FAMILIES["orthogonalized"]) is None
-    assert rules.eps_rule("adamw", ADAM) == "entry"
+    assert rules.rule_for("shampoo").eps_rule("hidden") == "gram"
+    assert rules.rule_for("soap", {"block_size": 128}).eps_rule("hidden") == "entry"
+    assert rules.rule_for("muon").eps_rule("hidden") is None  # no ε on the Newton–Schulz part
+    assert rules.rule_for("muon").eps_rule("input") == "entry"  # its AdamW part's
+    assert rules.rule_for("adamw").eps_rule("hidden") == "entry"
+    assert rules.rule_for("adamw").spectral_normalized().eps_rule("hidden") is None
+
+
+def test_an_optimizers_whole_rule_is_one_record():
+    """RULES.md §3: Muon is U·Vᵀ·sqrt(fan_out/fan_in) on hidden matrices (its default shape
+    factor) and AdamW's rules on the rest, which it routes to its auxiliary AdamW part."""
+    muon = rules.rule_for("muon")
+    assert muon.family("hidden").name == "orthogonalized·spectral"
+    assert [muon.is_auxiliary(r) for r in rules.ROLES] == [True, False, True, True]
+    for role in ("input", "output", "vector"):
+        assert muon.family(role) is ADAM
+    assert muon.family("hidden").norm(64, 256, 1.0, "hidden") == pytest.approx(2.0)
+    original = rules.rule_for("muon", {"shape_factor": "original"}).family("hidden")
+    assert original.norm(256, 64, 1.0, "hidden") == pytest.approx(1.0)  # sqrt(max(1, 1/4))
+    with pytest.raises(ValueError, match="shape_factor must be one of"):
+        rules.rule_for("muon", {"shape_factor": "wide"})
+    assert rules.rule_for("lamb").follows_weight and not rules.rule_for("adamw").follows_weight
+    assert rules.rule_for("sgd").eps_rule("hidden") is None

@@ -349,7 +349,7 @@ def model_coord_check(
     gen = torch.Generator().manual_seed(1234)
     batches = [dataset.get_batch("train", batch_size, block_size, gen) for _ in range(steps)]
     base = min(sizes)
-    zero_readout = zero_init_readout and not rules.family_of(optimizer).follows_weight
+    zero_readout = zero_init_readout and not rules.rule_for(optimizer).follows_weight
     if split_terms is None:
         split_terms = () if zero_readout else ("logits",)
     params: dict[str, Parametrization] = {}

@@ -109,17 +109,10 @@ class Parametrization:
             return rules.attention_scale(d_head, d_head, "sp")
         return rules.attention_scale(d_head, d_head_base, self.attention)
 
-    def scales(
-        self,
-        optimizer: str,
-        info: ParamRole,
-        shape_factor: str | None = None,
-        spectral_normalized: bool = False,
-        override: rules.UpdateFamily | None = None,
-    ) -> rules.Scales:
-        """All multipliers of one parameter under this parametrization."""
-        family = rules.family_of(optimizer, info.role, shape_factor, spectral_normalized, override)
-        eps = rules.eps_rule(optimizer, family)
+    def scales(self, rule: rules.OptimizerRule | str, info: ParamRole) -> rules.Scales:
+        """All multipliers of one parameter under this parametrization and optimizer rule."""
+        rule = rules.rule_for(rule) if isinstance(rule, str) else rule
+        family, eps = rule.family(info.role), rule.eps_rule(info.role)
         if not self.is_mup:
             return rules.param_scales(
                 family, info.role, info.fan_in, info.fan_out, 1.0, 1.0, eps=eps
@@ -316,7 +309,7 @@ def remove_hooks(model: nn.Module, kind: type) -> None:
 def param_groups(
     model: nn.Module,
     p: Parametrization,
-    optimizer: str,
+    rule: rules.OptimizerRule | str,
     lr: float,
     weight_decay: float = 0.0,
     *,
@@ -324,40 +317,35 @@ def param_groups(
     eps_key: str = "eps",
     roles: dict[str, ParamRole] | None = None,
     decay_vectors: bool = False,
-    shape_factor: str | None = None,
     aux: dict[str, float] | None = None,
     splits: dict[str, int] | None = None,
-    spectral_normalize: bool = False,
-    family: rules.UpdateFamily | None = None,
 ) -> list[dict[str, Any]]:
     """Param groups with per-tensor ``lr``, ``weight_decay`` and (if given) ``eps`` (stored
     under ``eps_key``, the optimizer's name for it).
 
     One group per distinct set of values; each group also records ``role``, ``lr_mult``
     and the parameter ``names``. Vectors get no weight decay unless ``decay_vectors``.
-    For an optimizer with two rules (Muon), parameters of the auxiliary rule take their
-    base ``lr``/``weight_decay`` from ``aux`` and their group has ``aux=True``.
-    ``shape_factor`` names the factor an orthogonalizing optimizer applies (rules.py);
-    ``splits`` maps glob patterns to a number of equal row blocks or a tuple of row sizes
-    (``split`` key; rows of the (fan_out, fan_in) operator). Weights stored transposed
-    (``ParamRole.transposed``) get ``transposed=True``.
-    ``spectral_normalize``: matrices follow §6 and groups carry ``forward_mult``.
-    ``family`` overrides the optimizer's family for matrices (chosen by its options, e.g.
-    Shampoo's grafting or blocking).
+    ``rule`` is the optimizer's ``rules.OptimizerRule`` (configured by its options; a
+    registered name takes the default options). For an optimizer with two rules (Muon),
+    parameters of the auxiliary rule take their base ``lr``/``weight_decay`` from ``aux``
+    and their group has ``aux=True``. ``splits`` maps glob patterns to a number of equal
+    row blocks or a tuple of row sizes (``split`` key; rows of the (fan_out, fan_in)
+    operator). Weights stored transposed (``ParamRole.transposed``) get ``transposed=True``.
+    Under a spectrally normalized rule (``rule.normalized``, §6) groups carry ``forward_mult``.
     """
+    rule = rules.rule_for(rule) if isinstance(rule, str) else rule
     roles = roles if roles is not None else model_roles(model)
-    routed = optimizer in rules.AUXILIARY_ROLES
+    routed = bool(rule.auxiliary)
     groups: dict[tuple, dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         info = _role_of(roles, name)
-        is_aux = routed and rules.is_auxiliary(optimizer, info.role)
+        is_aux = rule.is_auxiliary(info.role)
         base_lr, base_wd = (
             (aux["lr"], aux["weight_decay"]) if is_aux and aux else (lr, weight_decay)
         )
-        fam = rules.family_of(optimizer, info.role, shape_factor, spectral_normalize, family)
-        s = p.scales(optimizer, info, shape_factor, spectral_normalize, family)
+        fam, s = rule.family(info.role), p.scales(rule, info)
         group_lr = base_lr * s.lr
         lam = base_wd if (info.role != "vector" or decay_vectors) else 0.0
         if p.wd_mode == "coupled":
@@ -386,7 +374,7 @@ def param_groups(
                 groups[key]["aux"] = is_aux
             if splits:
                 groups[key]["split"] = split
-            if spectral_normalize:
+            if rule.normalized:
                 groups[key]["forward_mult"] = s.forward
             if info.transposed:  # stored (fan_in, fan_out): matrix optimizers transpose it
                 groups[key]["transposed"] = True

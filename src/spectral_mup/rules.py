@@ -25,10 +25,10 @@ by 1/L, so for an optimizer whose update is homogeneous of degree k in the gradi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from math import sqrt
-from typing import Literal
+from typing import Any, Literal
 
 Role = Literal["input", "hidden", "output", "vector"]
 ROLES: tuple[Role, ...] = ("input", "hidden", "output", "vector")
@@ -110,33 +110,6 @@ SHAPE_FACTORS: dict[str, Callable[[float, float], float]] = {
     "original": lambda fi, fo: sqrt(max(1.0, fo / fi)),  # Keller Jordan; torch.optim.Muon
     "moonlight": lambda fi, fo: 0.2 * sqrt(max(fi, fo)),  # Moonlight: update RMS ≈ 0.2
 }
-
-# Each optimizer's update-norm model. Adding an optimizer to μP is one line here. An
-# optimizer that routes parameters to two update rules maps roles to families ("*": rest).
-OPTIMIZER_FAMILY: dict[str, str | dict[str, str]] = {
-    "muon": {"hidden": "orthogonalized", "*": "entrywise"},  # NS(momentum) on hidden; AdamW rest
-    # e = 1/4, unblocked, ungrafted: L^-¼ G R^-¼ ≈ U·Vᵀ (§3); vectors: diagonal AdaGrad
-    "shampoo": {"vector": "entrywise", "*": "orthogonalized"},
-    # Adam in Shampoo's eigenbasis: unblocked entrywise (measured; §3 says orthogonalized);
-    # blocked: Qiu et al.'s formula (``soap_family``)
-    "soap": "entrywise",
-    "adamw": "entrywise",
-    "adopt": "entrywise",  # same Ψ as AdamW up to the order of updates (seed paper App. C.1)
-    "sophia": "entrywise",  # clip(m/(ρh), 1): entries bounded by 1, sign-like (App. C.2)
-    "lion": "entrywise",  # sign(·): every entry ±1
-    "lamb": "trust_ratio",  # φ(‖W‖)/‖u‖·u (App. C.3)
-    "sgd": "raw_gradient",
-}
-
-
-def family_name(optimizer: str, role: Role = "hidden") -> str:
-    """The name of the family that governs parameters of ``role`` under ``optimizer``."""
-    try:
-        entry = OPTIMIZER_FAMILY[optimizer]
-    except KeyError:
-        known = ", ".join(sorted(OPTIMIZER_FAMILY))
-        raise KeyError(f"no scaling rule for optimizer {optimizer!r} (known: {known})") from None
-    return entry if isinstance(entry, str) else entry.get(role, entry["*"])
 
 
 def kronecker_family(
@@ -223,41 +196,124 @@ def preconditioned_family(
     return kronecker_family(exponents, block_size or None)
 
 
-# Roles an optimizer hands to an auxiliary AdamW rule with its own base LR and decay.
-AUXILIARY_ROLES: dict[str, tuple[Role, ...]] = {"muon": ("input", "output", "vector")}
+# ------------------------------------------------------------------------ optimizer rules
 
 
-def is_auxiliary(optimizer: str, role: Role) -> bool:
-    """True when ``role`` goes to the optimizer's auxiliary rule (Muon's AdamW part)."""
-    return role in AUXILIARY_ROLES.get(optimizer, ())
+@dataclass(frozen=True)
+class OptimizerRule:
+    """One optimizer's whole μP rule, read in one place: the update family of each role
+    (``"*"``: every role not named), how its eps scales, the roles it hands to an auxiliary
+    AdamW rule with its own base LR and decay, and how its options change the families. A
+    probed rule (``spectral_mup.probe``) is the same kind of record, with ``measured`` set."""
+
+    name: str
+    families: Mapping[str, UpdateFamily]
+    eps: str | None = "family"
+    """"entry" (an Adam-like ε, compared with gradient entries), "gram" (a damping ε added to
+    G·Gᵀ, compared with ‖G‖²), None (not scaled), "family": "entry" where the role's family
+    has ``eps_follows_grad``, else None."""
+    auxiliary: tuple[Role, ...] = ()
+    configure: Callable[[Mapping[str, Any]], Mapping[str, UpdateFamily]] | None = None
+    """The optimizer's options → the families they select (merged over ``families``)."""
+    source: str = ""
+    normalized: bool = False
+    """Every matrix update is rescaled to its target spectral norm (``SpectralNormalized``)."""
+    measured: Mapping[str, Any] | None = None
+    """The probe's measurements, for a probed rule."""
+
+    def family(self, role: Role) -> UpdateFamily:
+        """The family that governs parameters of ``role``."""
+        return self.families.get(role) or self.families["*"]
+
+    def eps_rule(self, role: Role) -> str | None:
+        """How the eps of a ``role`` parameter scales: "entry", "gram" or None."""
+        if self.eps == "family":
+            return "entry" if self.family(role).eps_follows_grad else None
+        return self.eps
+
+    def is_auxiliary(self, role: Role) -> bool:
+        """True when ``role`` goes to the auxiliary rule (Muon's AdamW part)."""
+        return role in self.auxiliary
+
+    @property
+    def follows_weight(self) -> bool:
+        """A matrix update is proportional to ‖W‖ (LAMB): a zero readout cannot grow."""
+        return self.family("hidden").follows_weight
+
+    def with_options(self, options: Mapping[str, Any]) -> OptimizerRule:
+        """The rule for the optimizer built with ``options`` (Muon's shape factor, Shampoo's
+        and SOAP's grafting, exponents and blocking) — matrices only: vectors keep the
+        optimizer's own family unless the hook names them. ValueError on a bad option."""
+        if self.configure is None:
+            return self
+        try:
+            chosen = self.configure(options)
+        except (TypeError, KeyError, ZeroDivisionError) as exc:
+            raise ValueError(str(exc)) from None
+        families = {**self.families, "vector": self.family("vector"), **chosen}
+        return replace(self, families=families, configure=None)
+
+    def spectral_normalized(self) -> OptimizerRule:
+        """Under explicit spectral normalization every matrix is ``spectral_normalized`` (§6);
+        vectors keep the optimizer's own family."""
+        families = {"vector": self.family("vector"), "*": FAMILIES["spectral_normalized"]}
+        return replace(self, name=f"spectral({self.name})", families=families, normalized=True)
 
 
-def family_of(
-    optimizer: str,
-    role: Role = "hidden",
-    shape_factor: str | None = None,
-    spectral_normalized: bool = False,
-    override: UpdateFamily | None = None,
-) -> UpdateFamily:
-    """The update family of a parameter of ``role`` under a registered optimizer; an
-    orthogonalized update multiplied by a shape factor f has norm model c·f(fan_in, fan_out);
-    under explicit spectral normalization every matrix is ``spectral_normalized`` (§6);
-    ``override`` is the family an optimizer's options select for its matrices (Shampoo's
-    and SOAP's grafting, exponents and blocking); vectors keep the optimizer's own."""
-    if spectral_normalized and role != "vector":
-        return FAMILIES["spectral_normalized"]
-    if override is not None and role != "vector":
-        family = override
-    else:
-        family = FAMILIES[family_name(optimizer, role)]
-    if shape_factor is not None and family.name == "orthogonalized":
-        factor = SHAPE_FACTORS[shape_factor]
-        family = replace(
-            family,
-            name=f"orthogonalized·{shape_factor}",
-            norm=lambda fi, fo, c, r: c * factor(fi, fo),
-        )
-    return family
+def _shaped(options: Mapping[str, Any]) -> dict[str, UpdateFamily]:
+    """Muon: an orthogonalized update times a shape factor f has norm model c·f(fan_in, fan_out)."""
+    name = options.get("shape_factor", "spectral")
+    if name not in SHAPE_FACTORS:
+        raise ValueError(f"shape_factor must be one of {', '.join(SHAPE_FACTORS)}, got {name!r}")
+    factor = SHAPE_FACTORS[name]
+    orth = FAMILIES["orthogonalized"]
+    norm = lambda fi, fo, c, r: c * factor(fi, fo)  # noqa: E731
+    return {"hidden": replace(orth, name=f"orthogonalized·{name}", norm=norm)}
+
+
+def _entry(name: str, family: str, source: str, **kw: Any) -> OptimizerRule:
+    return OptimizerRule(name, {"*": FAMILIES[family]}, source=source, **kw)
+
+
+# Each optimizer's rule: the family per role (FAMILIES above), the eps rule, the auxiliary
+# roles and the options hook. Adding an optimizer to μP is one record here (plus its
+# registry entry in optim/__init__.py), or a probed rule (``smup probe``).
+ENTRYWISE, ORTHOGONALIZED = FAMILIES["entrywise"], FAMILIES["orthogonalized"]
+# fmt: off
+OPTIMIZER_RULES: dict[str, OptimizerRule] = {r.name: r for r in (
+    _entry("adamw", "entrywise", "m/(sqrt(v)+ε): entries ~±1 (seed paper; RULES.md §3)"),
+    _entry("adopt", "entrywise", "same Ψ as AdamW up to the order of updates (App. C.1)"),
+    _entry("sophia", "entrywise", "clip(m/(ρh), 1): entries bounded by 1, sign-like (App. C.2)"),
+    _entry("lion", "entrywise", "sign(·): every entry ±1"),
+    _entry("lamb", "trust_ratio", "φ(‖W‖)/‖u‖·u (App. C.3; hidden η/sqrt(m) measured)"),
+    _entry("sgd", "raw_gradient", "the μP gradient (Yang, Simon & Bernstein 2023)"),
+    # NS(momentum) on hidden matrices, times the shape factor (default "spectral"); AdamW rest
+    OptimizerRule("muon", {**_shaped({}), "*": ENTRYWISE},
+                  auxiliary=("input", "output", "vector"), configure=_shaped,
+                  source="U·Vᵀ·f(fan_in, fan_out) on hidden matrices (Qiu et al. 2025)"),
+    # e = ¼, unblocked, ungrafted: L^-¼ G R^-¼ ≈ U·Vᵀ (§3); vectors: diagonal AdaGrad; a
+    # damping ε added to G·Gᵀ
+    OptimizerRule("shampoo", {"vector": ENTRYWISE, "*": ORTHOGONALIZED}, eps="gram",
+                  configure=lambda o: {"*": preconditioned_family(
+                      o["grafting"], o["exponents"], o["block_size"])},
+                  source="Qiu et al. 2025 (blocked); grafted: measured (docs/RULES.md)"),
+    # Adam in Shampoo's eigenbasis: unblocked entrywise (measured; §3 says orthogonalized);
+    # blocked: Qiu et al.'s formula. Its ε is compared with rotated gradient entries.
+    OptimizerRule("soap", {"*": ENTRYWISE}, eps="entry",
+                  configure=lambda o: {"*": soap_family(o["block_size"])},
+                  source="measured (docs/RULES.md, SOAP); blocked: Qiu et al. 2025"),
+)}
+# fmt: on
+
+
+def rule_for(optimizer: str, options: Mapping[str, Any] | None = None) -> OptimizerRule:
+    """The registered rule of ``optimizer``, configured by its ``options`` if given."""
+    try:
+        rule = OPTIMIZER_RULES[optimizer]
+    except KeyError:
+        known = ", ".join(sorted(OPTIMIZER_RULES))
+        raise KeyError(f"no scaling rule for optimizer {optimizer!r} (known: {known})") from None
+    return rule if options is None else rule.with_options(options)
 
 
 # --------------------------------------------------------------------------- forward pass
@@ -332,17 +388,6 @@ def depth_lr_multiplier(family: UpdateFamily, m_depth: float, alpha: float) -> f
     if alpha == 0:
         return 1.0
     return m_depth ** (alpha * (1.0 + family.grad_degree) - 1.0)
-
-
-# Optimizers whose eps is not the one their family implies. "entry": an Adam-like ε compared
-# with gradient entries (SOAP's rotated entries have the same RMS, rotations keep ‖·‖_F);
-# "gram": a damping ε added to G·Gᵀ, i.e. compared with the squared spectral norm of G.
-EPS_RULE: dict[str, str] = {"soap": "entry", "shampoo": "gram"}
-
-
-def eps_rule(optimizer: str, family: UpdateFamily) -> str | None:
-    """How ``optimizer``'s eps scales: "entry", "gram" or None (not scaled)."""
-    return EPS_RULE.get(optimizer, "entry" if family.eps_follows_grad else None)
 
 
 def eps_multiplier(

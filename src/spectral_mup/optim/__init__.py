@@ -1,7 +1,7 @@
 """Optimizers and the registry that maps a name to a class and its μP update family.
 
-AdamW and SGD are torch's own; the update family of every name lives in
-``spectral_mup.rules.OPTIMIZER_FAMILY``.
+AdamW and SGD are torch's own; the μP rule of every name lives in
+``spectral_mup.rules.OPTIMIZER_RULES``.
 """
 
 from __future__ import annotations
@@ -48,9 +48,6 @@ class OptimizerSpec:
     cls: Callable[..., torch.optim.Optimizer]
     defaults: dict[str, Any] = field(default_factory=dict)
     eps_key: str | None = None  # name of the Adam-like epsilon hyperparameter, if any
-    family_override: Callable[[dict[str, Any]], rules.UpdateFamily] | None = None
-    """Options → the family they select for matrices (Shampoo's and SOAP's grafting,
-    exponents and blocking)."""
 
 
 REGISTRY: dict[str, OptimizerSpec] = {
@@ -84,9 +81,6 @@ REGISTRY: dict[str, OptimizerSpec] = {
             "grafting": "none",
         },
         "epsilon",
-        family_override=lambda o: rules.preconditioned_family(
-            o["grafting"], o["exponents"], o["block_size"]
-        ),
     ),
     "soap": OptimizerSpec(
         SOAP,
@@ -98,13 +92,12 @@ REGISTRY: dict[str, OptimizerSpec] = {
             "block_size": None,
         },
         "eps",
-        family_override=lambda o: rules.soap_family(o["block_size"]),
     ),
     "sophia": OptimizerSpec(
         SophiaG, {"betas": (0.965, 0.99), "rho": 0.04, "bs": 5120, "hessian_interval": 10}
     ),
 }
-assert set(REGISTRY) == set(rules.OPTIMIZER_FAMILY), "every optimizer needs a scaling rule"
+assert set(REGISTRY) == set(rules.OPTIMIZER_RULES), "every optimizer needs a scaling rule"
 
 
 def optimizer_names() -> list[str]:
@@ -118,15 +111,6 @@ def get_spec(name: str) -> OptimizerSpec:
         raise ConfigError(
             f"unknown optimizer {name!r}; use one of: {', '.join(optimizer_names())}"
         ) from None
-
-
-def _family_override(spec: OptimizerSpec, name: str, options: dict) -> rules.UpdateFamily | None:
-    if spec.family_override is None:
-        return None
-    try:
-        return spec.family_override(options)
-    except (TypeError, ValueError, KeyError, ZeroDivisionError) as exc:
-        raise ConfigError(f"bad option for optimizer {name!r}: {exc}") from None
 
 
 def build_optimizer(
@@ -159,11 +143,12 @@ def build_optimizer(
         kwargs[spec.eps_key] = kwargs.pop("eps")
     options = {**spec.defaults, **kwargs}
     eps = options.pop(spec.eps_key) if spec.eps_key else None
-    if options.get("shape_factor", "spectral") not in rules.SHAPE_FACTORS:
-        raise ConfigError(
-            f"unknown shape_factor {options['shape_factor']!r}; use one of "
-            f"{', '.join(rules.SHAPE_FACTORS)}"
-        )
+    try:
+        rule = rules.rule_for(name).with_options(options)
+    except ValueError as exc:
+        raise ConfigError(f"bad option for optimizer {name!r}: {exc}") from None
+    if spectral_normalize:
+        rule = rule.spectral_normalized()
     aux = None
     if "adam_lr" in options:  # an optimizer with an AdamW part (Muon)
         aux = {"lr": options.pop("adam_lr"), "weight_decay": options.pop("adam_weight_decay")}
@@ -172,20 +157,17 @@ def build_optimizer(
     groups = param_groups(
         model,
         p,
-        name,
+        rule,
         lr,
         weight_decay,
         eps=eps,
         eps_key=spec.eps_key or "eps",
         roles=roles,
         decay_vectors=decay_vectors,
-        shape_factor=options.get("shape_factor"),
         aux=aux,
         splits=smup_attr(model, "smup_splits") if aux is not None else None,
-        spectral_normalize=spectral_normalize,
-        family=_family_override(spec, name, options),
     )
-    if rules.family_of(name).follows_weight:
+    if rule.follows_weight:
         frozen = [
             n
             for g in groups
