@@ -5,6 +5,7 @@ from .coord import coord_check
 from .errors import ConfigError, DataError, SmupError
 from .optim import build_optimizer
 from .parametrize import Parametrization, init_weights, param_groups, parametrize
+from .probe import probe
 from .roles import ParamRole, infer_roles, load_shapes, register_layout, save_shapes
 
 __version__ = "0.1.0"
@@ -23,6 +24,7 @@ __all__ = [
     "load_shapes",
     "param_groups",
     "parametrize",
+    "probe",
     "register_layout",
     "save_shapes",
 ]

@@ -165,6 +165,39 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--workers", type=int, default=None, help="runs at once (0 = auto)")
     tr.add_argument("--address", default=None, help="Ray cluster address (with --executor ray)")
 
+    pr = sub.add_parser(
+        "probe",
+        help="measure an optimizer's update-norm exponents and derive its μP rule",
+        description="Train the bundled model a few steps at several widths (and depths) with "
+        "the optimizer at a fixed LR, fit the width exponent of each role's update norm, and "
+        "derive its μP rule (cached, so build_optimizer/coord-check/sweep can use it).",
+    )
+    pr.add_argument(
+        "--optimizer", required=True, help="a registered name or an import path (torch.optim.RAdam)"
+    )
+    pr.add_argument(
+        "--opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the optimizer's constructor, e.g. --opt momentum=0.9",
+    )
+    pr.add_argument("--spectral-normalize", action="store_true", help="wrap in SpectralNormalized")
+    pr.add_argument("--widths", type=_ints, default=[64, 128, 256, 512])
+    pr.add_argument("--depths", type=_ints, default=[2, 4, 8], help="at the base width; '2' skips")
+    pr.add_argument("--seeds", type=int, default=3, help="number of seeds")
+    pr.add_argument("--steps", type=int, default=5)
+    pr.add_argument(
+        "--lr", type=float, default=1e-6, help="the fixed base LR (tiny: the model stays at init)"
+    )
+    pr.add_argument("--arch", default="gpt", help="bundled model: gpt | llama")
+    pr.add_argument("--batch-size", type=int, default=4)
+    pr.add_argument("--block-size", type=int, default=32)
+    pr.add_argument("--data", default=None, help="data path (default: Tiny Shakespeare)")
+    pr.add_argument("--out", default="runs/probe", help="directory for probe.json and probe.png")
+    pr.add_argument("--no-cache", action="store_true", help="do not cache the derived rule")
+    pr.add_argument("--quiet", action="store_true")
+
     data = sub.add_parser("data", help="prepare token .bin files (train.bin, val.bin, meta.json)")
     data.add_argument(
         "source",
@@ -210,6 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _report(args)
         if args.command == "transfer":
             return _transfer(args)
+        if args.command == "probe":
+            return _probe(args)
         return _data(args)
     except SmupError as exc:
         print(f"smup: error: {exc}", file=sys.stderr)
@@ -234,6 +269,57 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
         f"{result['status']} ({result['stop_reason']}) after {result['iters']} iterations; "
         f"best val loss {best_text}; wrote {Path(cfg.train.out_dir) / 'result.json'}"
     )
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    import ast
+
+    from .config import optimizer_option
+    from .fileio import write_json
+    from .optim import REGISTRY, get_spec
+    from .probe import cache_path, full_options, probe
+
+    spec = get_spec(args.optimizer)  # an unknown name or a bad import path: exit 2 first
+    registered = args.optimizer.lower() in REGISTRY
+    options = {}
+    for assignment in args.opt:
+        if registered:
+            key, value = optimizer_option(assignment)
+        else:
+            key, sep, text = assignment.partition("=")
+            if not sep or key not in {*spec.defaults, spec.eps_key}:
+                known = ", ".join(k for k in (*spec.defaults, spec.eps_key) if k)
+                raise ConfigError(f"--opt needs KEY=VALUE, KEY one of: {known}; got {assignment!r}")
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text
+        options[key] = value
+    result = probe(
+        args.optimizer,
+        options=options,
+        widths=args.widths,
+        depths=args.depths,
+        seeds=tuple(range(args.seeds)),
+        steps=args.steps,
+        lr=args.lr,
+        arch=args.arch,
+        batch_size=args.batch_size,
+        block_size=args.block_size,
+        data=args.data,
+        spectral_normalize=args.spectral_normalize,
+        progress=not args.quiet,
+    )
+    out = Path(args.out)
+    json_path = result.save_json(out / "probe.json")
+    plot = result.plot(out / "probe.png")
+    print(result.table())
+    print(f"wrote {json_path} and {plot}")
+    if not args.no_cache and not args.spectral_normalize and not registered:
+        cached = write_json(cache_path(result.optimizer, full_options(args.optimizer, options)),
+                            result.to_json())  # fmt: skip
+        print(f"cached the rule at {cached}: build_optimizer({args.optimizer!r}, …) uses it")
     return 0
 
 

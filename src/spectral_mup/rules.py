@@ -196,6 +196,44 @@ def preconditioned_family(
     return kronecker_family(exponents, block_size or None)
 
 
+def growing_fan(fi: float, fo: float, role: Role) -> float:
+    """The fan that grows with width: fan_out of an input layer or a vector, fan_in of a
+    readout, sqrt(fan_in·fan_out) of a hidden matrix (both grow)."""
+    if role == "hidden":
+        return sqrt(fi * fo)
+    return fi if role == "output" else fo
+
+
+def fitted_family(
+    exponents: Mapping[str, float],
+    grad_degree: float,
+    *,
+    eps_follows_grad: bool = True,
+    decay_in_direction: bool = False,
+    follows_weight: bool = False,
+    source: str = "measured by smup probe",
+) -> UpdateFamily:
+    """A measured update-norm model (``smup probe``): N = c^(1+k)·g^e_role, g the fan that
+    grows with width (``growing_fan``), e_role the exponent the probe fitted for the raw
+    update (the effective update of c·W is c·c^k·ΔW: a degree-k update of a gradient scaled
+    by c). Every known family is of this form along a width path at fixed aspect ratios."""
+    e = {role: float(exponents[role]) for role in ROLES}
+
+    def norm(fi: float, fo: float, c: float, role: Role) -> float:
+        return c ** (1.0 + grad_degree) * growing_fan(fi, fo, role) ** e[role]
+
+    label = ", ".join(f"{r} {e[r]:+.2f}" for r in ROLES)
+    return UpdateFamily(
+        f"fitted({label}; k={grad_degree:.2f})",
+        norm,
+        grad_degree,
+        eps_follows_grad,
+        decay_in_direction,
+        source,
+        follows_weight,
+    )
+
+
 # ------------------------------------------------------------------------ optimizer rules
 
 
@@ -208,10 +246,10 @@ class OptimizerRule:
 
     name: str
     families: Mapping[str, UpdateFamily]
-    eps: str | None = "family"
-    """"entry" (an Adam-like ε, compared with gradient entries), "gram" (a damping ε added to
-    G·Gᵀ, compared with ‖G‖²), None (not scaled), "family": "entry" where the role's family
-    has ``eps_follows_grad``, else None."""
+    eps: str | Mapping[str, str | None] | None = "family"
+    """Per rule or per role (a mapping): "entry" (an Adam-like ε, compared with gradient
+    entries), "gram" (a damping ε added to G·Gᵀ, compared with ‖G‖²), None (not scaled),
+    "family": "entry" where the role's family has ``eps_follows_grad``, else None."""
     auxiliary: tuple[Role, ...] = ()
     configure: Callable[[Mapping[str, Any]], Mapping[str, UpdateFamily]] | None = None
     """The optimizer's options → the families they select (merged over ``families``)."""
@@ -227,9 +265,10 @@ class OptimizerRule:
 
     def eps_rule(self, role: Role) -> str | None:
         """How the eps of a ``role`` parameter scales: "entry", "gram" or None."""
-        if self.eps == "family":
+        eps = self.eps.get(role) if isinstance(self.eps, Mapping) else self.eps
+        if eps == "family":
             return "entry" if self.family(role).eps_follows_grad else None
-        return self.eps
+        return eps
 
     def is_auxiliary(self, role: Role) -> bool:
         """True when ``role`` goes to the auxiliary rule (Muon's AdamW part)."""

@@ -6,6 +6,9 @@ AdamW and SGD are torch's own; the μP rule of every name lives in
 
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -104,13 +107,54 @@ def optimizer_names() -> list[str]:
     return sorted(REGISTRY)
 
 
+# constructor arguments of torch's optimizers that are implementation switches, not options
+_SWITCHES = {"params", "lr", "weight_decay", "foreach", "maximize", "capturable",
+             "differentiable", "fused"}  # fmt: skip
+
+
 def get_spec(name: str) -> OptimizerSpec:
-    try:
+    """A registered optimizer, or any ``torch.optim.Optimizer`` subclass by import path
+    (``torch.optim.RAdam``, ``my_pkg.optim.Fancy``): its keyword defaults are its options and
+    an ``eps`` argument is its Adam-like ε."""
+    if name.lower() in REGISTRY:
         return REGISTRY[name.lower()]
-    except KeyError:
+    if "." not in name:
         raise ConfigError(
-            f"unknown optimizer {name!r}; use one of: {', '.join(optimizer_names())}"
-        ) from None
+            f"unknown optimizer {name!r}; use one of: {', '.join(optimizer_names())}, or an "
+            "import path such as torch.optim.RAdam"
+        )
+    return _imported_spec(name)
+
+
+@functools.lru_cache(maxsize=32)
+def _imported_spec(path: str) -> OptimizerSpec:
+    module, _, attr = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(f"cannot import optimizer {path!r} ({exc}); check the path") from None
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ConfigError(f"{path} is not a torch.optim.Optimizer subclass")
+    params = inspect.signature(cls.__init__).parameters
+    defaults = {
+        k: v.default
+        for k, v in params.items()
+        if k not in _SWITCHES and k != "self" and v.default is not inspect.Parameter.empty
+    }
+    return OptimizerSpec(cls, defaults, "eps" if "eps" in params else None)
+
+
+def optimizer_rule(name: str, options: dict[str, Any]) -> rules.OptimizerRule:
+    """The μP rule of optimizer ``name`` built with ``options``: a registered rule, or the
+    probed rule cached by ``smup probe`` for an imported class (spectral_mup.probe)."""
+    if name.lower() in rules.OPTIMIZER_RULES:
+        try:
+            return rules.rule_for(name.lower()).with_options(options)
+        except ValueError as exc:
+            raise ConfigError(f"bad option for optimizer {name!r}: {exc}") from None
+    from ..probe import cached_rule
+
+    return cached_rule(name, options)
 
 
 def build_optimizer(
@@ -123,6 +167,7 @@ def build_optimizer(
     roles: dict | None = None,
     decay_vectors: bool = False,
     spectral_normalize: bool = False,
+    rule: rules.OptimizerRule | str | None = None,
     **kwargs: Any,
 ) -> torch.optim.Optimizer:
     """A registered optimizer over ``model`` with per-tensor μP lr / wd / eps groups.
@@ -133,8 +178,13 @@ def build_optimizer(
     its weight decay, as when it replaces AdamW). ``spectral_normalize`` wraps the optimizer
     in ``SpectralNormalized`` (every matrix update rescaled to its target spectral norm; μP
     LR multipliers 1).
+
+    ``name`` is a registered optimizer or the import path of any optimizer class
+    (``torch.optim.RAdam``), whose rule is ``rule`` — an ``OptimizerRule`` or a JSON file
+    written by ``smup probe`` — or else the probed rule cached for that class and options.
     """
-    spec, name = get_spec(name), name.lower()
+    spec = get_spec(name)
+    name = name.lower() if name.lower() in REGISTRY else name
     if not lr > 0:
         raise ConfigError(f"lr must be > 0, got {lr!r}")
     if weight_decay < 0:
@@ -143,10 +193,12 @@ def build_optimizer(
         kwargs[spec.eps_key] = kwargs.pop("eps")
     options = {**spec.defaults, **kwargs}
     eps = options.pop(spec.eps_key) if spec.eps_key else None
-    try:
-        rule = rules.rule_for(name).with_options(options)
-    except ValueError as exc:
-        raise ConfigError(f"bad option for optimizer {name!r}: {exc}") from None
+    if rule is None:
+        rule = optimizer_rule(name, options)
+    elif not isinstance(rule, rules.OptimizerRule):
+        from ..probe import load_rule
+
+        rule = load_rule(rule)
     if spectral_normalize:
         rule = rule.spectral_normalized()
     aux = None

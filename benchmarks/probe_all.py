@@ -1,0 +1,83 @@
+"""Probe every registered optimizer and four torch.optim ones (docs/probe.md).
+
+For each: the probed width exponent per group beside the one rules.py's registered rule
+predicts (registered optimizers), the family the probe picks, k, the eps rule, wall time.
+One process; resumable (each probe's JSON is kept in --out and skipped when present).
+
+    SMUP_DATA_DIR=../shared/data python benchmarks/probe_all.py --out runs/probe
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from spectral_mup import rules
+from spectral_mup.probe import GROUPS, full_options, predicted_exponents, probe
+
+CASES = [  # (label, optimizer, options, spectral_normalize)
+    ("adamw", "adamw", {}, False),
+    ("adopt", "adopt", {}, False),
+    ("lamb", "lamb", {}, False),
+    ("sophia", "sophia", {}, False),
+    ("lion", "lion", {}, False),
+    ("sgd", "sgd", {}, False),
+    ("muon", "muon", {}, False),
+    ("shampoo", "shampoo", {}, False),
+    ("shampoo grafted adam", "shampoo", {"grafting": "adam"}, False),
+    ("shampoo blocked 128", "shampoo", {"block_size": 128}, False),
+    ("soap", "soap", {}, False),
+    ("spectral(adamw)", "adamw", {}, True),
+    ("torch.optim.Adagrad", "torch.optim.Adagrad", {}, False),
+    ("torch.optim.RMSprop", "torch.optim.RMSprop", {}, False),
+    ("torch.optim.NAdam", "torch.optim.NAdam", {}, False),
+    ("torch.optim.RAdam", "torch.optim.RAdam", {}, False),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/probe")
+    ap.add_argument("--only", nargs="*", default=None)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for label, name, options, spectral in CASES:
+        if args.only and label not in args.only:
+            continue
+        path = out / (label.replace(" ", "_") + ".json")
+        if not path.exists():
+            result = probe(name, options=options, spectral_normalize=spectral)
+            result.save_json(path)
+            print(result.table(), flush=True)
+        data = json.loads(path.read_text())
+        want = {}
+        if name in rules.OPTIMIZER_RULES:
+            rule = rules.rule_for(name, full_options(name, options))
+            rule = rule.spectral_normalized() if spectral else rule
+            want = predicted_exponents(rule, widths=data["widths"])
+        rows.append((label, data, want))
+    print("\n| optimizer | " + " | ".join(GROUPS) + " | k | eps | family | s |")
+    print("|---|" + "---|" * (len(GROUPS) + 4))
+    for label, data, want in rows:
+        cells = []
+        for g in GROUPS:
+            e, s = data["exponents"].get(g, (float("nan"), 0))
+            cell = f"{e:+.2f}±{s:.2f}"
+            if g in want:
+                cell += f" ({want[g]:+.2f})"
+            cells.append(cell)
+        fams = sorted(set(data["families"].values()))
+        eps = sorted({str(v) for v in data["eps"].values()})
+        print(
+            f"| {label} | "
+            + " | ".join(cells)
+            + f" | {data['k'][0]:.2f} | {'/'.join(eps)} | {', '.join(fams)} "
+            + f"| {data['seconds']:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

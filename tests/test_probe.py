@@ -1,0 +1,154 @@
+"""smup probe: measured update-norm exponents against the spec's families (docs/RULES.md §2–3),
+the derived rule, its JSON form and its use by build_optimizer.
+
+The probes here run the bundled GPT at widths 32 → 128, one seed, three steps: small enough
+for CI, large enough that the exponents sit near the spec's. Bounds were set from the spread
+over seeds 0–2 and 1–2 threads (docs/probe.md)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from spectral_mup import Parametrization, build_optimizer, rules
+from spectral_mup.cli import main
+from spectral_mup.errors import ConfigError
+from spectral_mup.models import GPT, GPTConfig
+from spectral_mup.optim import get_spec
+from spectral_mup.probe import cache_path, load_rule, probe, spectral_norm
+
+SMALL = dict(widths=(32, 64, 128), depths=(), seeds=(0,), steps=3)
+
+
+def test_spectral_norm_by_power_iteration_matches_the_svd():
+    gen = torch.Generator().manual_seed(0)
+    for shape in ((64, 256), (256, 64), (33, 33)):
+        a = torch.randn(shape, generator=gen, dtype=torch.float64)
+        exact = float(torch.linalg.matrix_norm(a, ord=2))
+        assert spectral_norm(a, iters=200) == pytest.approx(exact, rel=1e-6)
+    u, v = torch.randn(50, 1, generator=gen), torch.randn(1, 80, generator=gen)
+    assert spectral_norm(u @ v) == pytest.approx(float(u.norm() * v.norm()), rel=1e-6)
+    assert spectral_norm(torch.tensor([3.0, 4.0])) == pytest.approx(5.0)
+    assert spectral_norm(torch.zeros(4, 5)) == 0.0
+
+
+@pytest.fixture(scope="module")
+def adamw():
+    return probe("adamw", **SMALL)
+
+
+def test_adamw_probe_recovers_the_entrywise_family(adamw):
+    """RULES.md §3: AdamW's update is entrywise, N = c·sqrt(fan_in·fan_out): exponent +1 for
+    hidden matrices, +½ for the embedding and vectors, −½ for the readout (c = 1/m)."""
+    spec = {"input": 0.5, "hidden": 1.0, "output": -0.5, "vector (block)": 0.5, "vector": 0.5}
+    for group, want in spec.items():
+        assert adamw.exponents[group][0] == pytest.approx(want, abs=0.15), group
+    assert set(adamw.families.values()) == {"entrywise"}
+    assert adamw.k[0] == pytest.approx(0.0, abs=0.02)  # update(s·g) = update(g)
+    assert set(adamw.eps.values()) == {"entry"}  # ε is compared with gradient entries
+    assert adamw.decay_ratio == pytest.approx(1.0, abs=0.02)  # decoupled lr·λ·W
+    assert adamw.weight_ratio == pytest.approx(1.0, abs=0.25)  # does not follow ‖W‖
+
+
+def test_probed_rule_gives_the_registered_rules_groups(adamw, tmp_path):
+    """A probed entrywise rule builds the same per-tensor LR/WD/eps as AdamW's registered
+    one; it survives its JSON file, and an imported class takes it by ``rule=``."""
+    path = adamw.save_json(tmp_path / "adamw.json")
+    rule = load_rule(path)
+    assert {rule.family(r).name for r in rules.ROLES} == {"entrywise"}
+    p = Parametrization(kind="mup", base_width=32, base_depth=2)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(width=128, depth=2, n_heads=2, vocab_size=65, block_size=16), p)
+
+    def table(opt):
+        return sorted(
+            (n, g["lr"], g["weight_decay"], g["eps"]) for g in opt.param_groups for n in g["names"]
+        )
+
+    ours = build_optimizer("torch.optim.AdamW", model, p, 1e-3, 0.1, rule=path, eps=1e-8)
+    theirs = build_optimizer("adamw", model, p, 1e-3, 0.1, eps=1e-8)
+    assert isinstance(ours, torch.optim.AdamW)
+    assert table(ours) == table(theirs)
+    hidden = [g for g in ours.param_groups if g["role"] == "hidden"]
+    assert hidden and all(g["lr"] == pytest.approx(1e-3 / 4) for g in hidden)  # η/m, m = 4
+
+
+def test_muon_probe_orthogonalized_hidden_adamw_rest():
+    """Muon: U·Vᵀ·sqrt(fan_out/fan_in) on hidden matrices (exponent 0), AdamW on the rest
+    (its auxiliary roles); no ε on the Newton–Schulz part."""
+    r = probe("muon", **SMALL)
+    assert r.exponents["hidden"][0] == pytest.approx(0.0, abs=0.1)
+    assert r.exponents["input"][0] == pytest.approx(0.5, abs=0.15)
+    assert r.families["hidden"] in ("orthogonalized", "orthogonalized·spectral")
+    assert r.families["input"] == r.families["output"] == "entrywise"
+    assert r.eps["hidden"] is None and r.eps["input"] == "entry"
+    assert r.rule.auxiliary == ("input", "output", "vector")
+
+
+def test_sgd_probe_measures_degree_one_and_no_eps():
+    r = probe("sgd", **SMALL)
+    assert r.k[0] == pytest.approx(1.0, abs=0.03)
+    assert set(r.eps.values()) == {None}
+    assert r.exponents["input"][0] == pytest.approx(-0.5, abs=0.15)  # c²·sqrt(fi/fo)
+    assert r.decay_ratio == pytest.approx(1.0, abs=0.02)  # torch SGD: λW in the gradient
+
+
+def test_lamb_probe_decay_inside_and_update_follows_the_weight():
+    """LAMB (RULES.md §3): φ(‖W‖)/‖u‖·u — doubling W doubles the update, and λθ is inside
+    the normalized direction, so the decay is not lr·λ·W."""
+    r = probe("lamb", **SMALL)
+    assert r.weight_ratio == pytest.approx(2.0, abs=0.2)
+    assert abs(r.decay_ratio - 1.0) > 0.5
+    assert r.families["hidden"] == "trust_ratio"
+
+
+def test_shampoo_probe_finds_the_gram_eps():
+    """Shampoo's damping ε is added to G·Gᵀ: scaling it by s² keeps the update homogeneous."""
+    r = probe("shampoo", **{**SMALL, "widths": (32, 64)})
+    assert r.eps["hidden"] == "gram"
+    assert r.families["hidden"] == "orthogonalized"
+
+
+def test_imported_optimizer_spec_and_missing_rule(tmp_path, monkeypatch):
+    spec = get_spec("torch.optim.RAdam")
+    assert spec.cls is torch.optim.RAdam and spec.eps_key == "eps"
+    assert "betas" in spec.defaults and "foreach" not in spec.defaults
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    p = Parametrization(kind="mup", base_width=32, base_depth=2)
+    model = GPT(GPTConfig(width=64, depth=2, n_heads=2, vocab_size=65, block_size=16), p)
+    with pytest.raises(ConfigError, match=r"smup probe --optimizer torch\.optim\.RAdam"):
+        build_optimizer("torch.optim.RAdam", model, p, 1e-3)
+    with pytest.raises(ConfigError, match="cannot import optimizer"):
+        get_spec("torch.optim.NoSuchOptimizer")
+    with pytest.raises(ConfigError, match=r"not a torch\.optim\.Optimizer subclass"):
+        get_spec("math.sqrt")
+
+
+def test_cli_probe_writes_json_plot_and_cache(tmp_path, monkeypatch, capsys):
+    """`smup probe` on an imported class caches the rule, which build_optimizer then uses."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "probe"
+    argv = ["probe", "--optimizer", "torch.optim.NAdam", "--widths", "32,64,128", "--depths", "2"]
+    argv += ["--seeds", "1", "--steps", "3", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    data = json.loads((out / "probe.json").read_text())
+    assert data["format"] == "spectral-mup-rule-v1"
+    assert (out / "probe.png").stat().st_size > 0
+    assert math.isclose(data["k"][0], 0.0, abs_tol=0.05)
+    from spectral_mup.probe import full_options
+
+    assert cache_path("torch.optim.NAdam", full_options("torch.optim.NAdam", {})).exists()
+    p = Parametrization(kind="mup", base_width=32, base_depth=2)
+    model = GPT(GPTConfig(width=128, depth=2, n_heads=2, vocab_size=65, block_size=16), p)
+    opt = build_optimizer("torch.optim.NAdam", model, p, 1e-3)
+    hidden = [g for g in opt.param_groups if g["role"] == "hidden"]
+    assert all(g["lr"] == pytest.approx(1e-3 / 4) for g in hidden)  # probed: entrywise, η/m
+    assert "cached the rule" in capsys.readouterr().out
+
+
+def test_cli_probe_bad_input_exits_2(capsys):
+    assert main(["probe", "--optimizer", "torch.optim.Nope"]) == 2
+    assert "cannot import optimizer" in capsys.readouterr().err
+    assert main(["probe", "--optimizer", "adamw", "--widths", "64"]) == 2
+    assert "at least two different positive widths" in capsys.readouterr().err
