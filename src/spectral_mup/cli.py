@@ -186,7 +186,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--widths", type=_ints, default=[64, 128, 256, 512])
     pr.add_argument("--depths", type=_ints, default=[2, 4, 8], help="at the base width; '2' skips")
     pr.add_argument("--seeds", type=int, default=3, help="number of seeds")
-    pr.add_argument("--steps", type=int, default=5)
+    pr.add_argument("--steps", type=int, default=5, help="measured steps")
+    pr.add_argument("--skip", type=int, default=5, help="steps before them (the transient)")
     pr.add_argument(
         "--lr", type=float, default=1e-6, help="the fixed base LR (tiny: the model stays at init)"
     )
@@ -303,6 +304,7 @@ def _probe(args: argparse.Namespace) -> int:
         depths=args.depths,
         seeds=tuple(range(args.seeds)),
         steps=args.steps,
+        skip=args.skip,
         lr=args.lr,
         arch=args.arch,
         batch_size=args.batch_size,
@@ -327,7 +329,7 @@ def _coord_check(args: argparse.Namespace) -> int:
     from .config import model_option, optimizer_option
     from .coord import model_coord_check
     from .fileio import write_json
-    from .optim import get_spec
+    from .optim import REGISTRY, get_spec
 
     spec = get_spec(args.optimizer)
     optimizer_kwargs = {}
@@ -356,7 +358,7 @@ def _coord_check(args: argparse.Namespace) -> int:
     common = dict(
         arch=args.arch,
         model_options=dict(model_option(a, args.arch) for a in args.model),
-        optimizer=args.optimizer.lower(),
+        optimizer=args.optimizer.lower() if args.optimizer.lower() in REGISTRY else args.optimizer,
         lr=lr,
         steps=args.steps,
         seeds=tuple(range(args.seeds)),

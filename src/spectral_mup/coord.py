@@ -19,10 +19,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import rules
 from .errors import ConfigError
 from .fileio import atomic_write, write_json
-from .optim import build_optimizer
+from .optim import build_optimizer, resolve_rule
 from .parametrize import Parametrization
 from .roles import module_layout
 
@@ -349,7 +348,8 @@ def model_coord_check(
     gen = torch.Generator().manual_seed(1234)
     batches = [dataset.get_batch("train", batch_size, block_size, gen) for _ in range(steps)]
     base = min(sizes)
-    zero_readout = zero_init_readout and not rules.rule_for(optimizer).follows_weight
+    rule = resolve_rule(optimizer, **dict(optimizer_kwargs or {}))
+    zero_readout = zero_init_readout and not rule.follows_weight
     if split_terms is None:
         split_terms = () if zero_readout else ("logits",)
     params: dict[str, Parametrization] = {}

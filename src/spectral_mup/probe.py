@@ -30,7 +30,7 @@ import math
 import os
 import statistics
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ from .parametrize import Parametrization, canonical_name, smup_attr
 FORMAT = "spectral-mup-rule-v1"
 GROUPS = ("input", "hidden", "output", "vector (block)", "vector")
 GRAD_SCALE = 8.0  # s in update(s·g) = s^k·update(g)
-_TOL_HOMOGENEOUS = 0.02  # |log ratio − k·log s| below this: homogeneous
+_TOL_HOMOGENEOUS = 0.02  # relative change of the update below this: homogeneous
 _TOL_SENSITIVE = 0.05  # above this: eps changes the update
 
 
@@ -164,6 +164,7 @@ class _Run:
     weight_decay: float = 0.0
     weight_scale: float = 1.0  # every matrix × this at init
     keep: bool = False  # keep the updates themselves (weight decay test)
+    skip: int = 0  # steps taken before the measured ones (the optimizer's transient)
 
 
 def _trajectory(
@@ -176,9 +177,9 @@ def _trajectory(
     run: _Run,
     probe_x: torch.Tensor,
 ) -> tuple[list[_Tensor], list[dict[str, tuple[float, float, float]]], list[dict[str, Any]]]:
-    """Train ``len(batches)`` steps; per step, every tensor's (norm on the data, ‖ΔW‖*, RMS)
-    (``_norm_of``, inputs from ``probe_x``) and, with ``run.keep``, the updates and the
-    weights they were applied to."""
+    """Train ``len(batches)`` steps; for each step after the first ``run.skip``, every
+    tensor's (norm, norm on the data, RMS) (``_norm_of``, inputs from ``probe_x``) and, with
+    ``run.keep``, the updates and the weights they were applied to."""
     model = build()
     if run.weight_scale != 1.0:
         with torch.no_grad():
@@ -211,6 +212,8 @@ def _trajectory(
         opt.step()
         if hessian_every and hessian is not None and step % hessian_every == 0:
             hessian(model, opt, x)
+        if step <= run.skip:
+            continue
         deltas = {n: params[n].detach() - before[n] for n in params}
         norms.append(
             {
@@ -297,6 +300,7 @@ class ProbeResult:
     rule: rules.OptimizerRule | None = None
     records: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    skip: int = 0
 
     # ---- output
 
@@ -304,7 +308,8 @@ class ProbeResult:
         """Markdown: per group, the fitted exponent ± spread and the nearest known family."""
         lines = [
             f"probe of {self.optimizer} (widths {self.widths}, depths {self.depths}, "
-            f"seeds {self.seeds}, {self.steps} steps, lr {self.lr:g}, {self.seconds:.0f} s)",
+            f"seeds {self.seeds}, {self.steps} steps after {self.skip}, lr {self.lr:g}, "
+            f"{self.seconds:.0f} s)",
             "",
             "| group | width exponent of ‖c·ΔW‖/lr | on the data | nearest family | its exponent "
             "| rule uses |",
@@ -357,6 +362,21 @@ class ProbeResult:
 
     def save_json(self, path: str | os.PathLike) -> Path:
         return write_json(path, self.to_json())
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], *, rederive: bool = False) -> ProbeResult:
+        """A saved probe; ``rederive``: derive the rule again from its measurements (after a
+        change to the matching, without measuring again)."""
+        if data.get("format") != FORMAT:
+            raise ConfigError(f"not a probe result (format {FORMAT})")
+        names = {f.name for f in fields(cls)} - {"rule"}
+        result = cls(**{k: data[k] for k in names if k in data})
+        if rederive:
+            result.nearest, result.families = {}, {}
+            result.rule = derive_rule(result)
+        elif data.get("rule"):
+            result.rule = rule_from_json(data["rule"])
+        return result
 
     def plot(self, path: str | os.PathLike) -> Path:
         """Update norm vs width per group (seed × step mean), log-log, beside the nearest
@@ -479,6 +499,7 @@ def probe(
     depths: Sequence[int] = (2, 4, 8),
     seeds: Sequence[int] = (0, 1, 2),
     steps: int = 5,
+    skip: int = 5,
     lr: float = 1e-6,
     arch: str = "gpt",
     n_heads: int = 2,
@@ -496,8 +517,10 @@ def probe(
     class; ``options``: its keyword options (defaults: its own). The model is the bundled
     ``arch`` at ``widths`` (heads fixed at ``n_heads``; depth ``depths[0]``) on ``data``
     (Tiny Shakespeare by default), in ``dtype``; ``depths`` at the base width measure the
-    in-block depth response (empty: skip). Roles whose exponent is farther than
-    ``tolerance`` from every known family get a fitted family.
+    in-block depth response (empty: skip). ``steps`` steps are measured after ``skip`` steps
+    of the optimizer's transient (bias corrections; RAdam is SGD with momentum for its first
+    five). Roles whose exponent is farther than ``tolerance`` from every known family get a
+    fitted family.
     """
     import time
 
@@ -527,8 +550,10 @@ def probe(
         raise ConfigError(
             f"the probe needs at least two different positive widths, got {list(widths)}"
         )
-    if steps < 2 or not lr > 0:
-        raise ConfigError(f"the probe needs steps >= 2 and lr > 0, got steps={steps}, lr={lr}")
+    if steps < 2 or skip < 0 or not lr > 0:
+        raise ConfigError(
+            f"the probe needs steps >= 2, skip >= 0 and lr > 0; got {steps}, {skip}, {lr}"
+        )
     widths, depths = sorted(set(int(w) for w in widths)), sorted(set(int(d) for d in depths))
     if len(depths) == 1:
         depths = []
@@ -559,7 +584,9 @@ def probe(
 
     def batches_for(seed: int) -> list:
         gen = torch.Generator().manual_seed(1000 + seed)
-        return [dataset.get_batch("train", batch_size, block_size, gen) for _ in range(steps)]
+        return [
+            dataset.get_batch("train", batch_size, block_size, gen) for _ in range(skip + steps)
+        ]
 
     def builder(width: int, depth: int, p: Parametrization, seed: int) -> Callable[[], nn.Module]:
         cfg = config_cls(width=width, depth=depth, n_heads=n_heads,
@@ -572,14 +599,16 @@ def probe(
 
         return build
 
-    def trajectory(width, depth, seed, run, base_depth=None):
+    def trajectory(width, depth, seed, run, base_depth=None, first_steps=False):
+        # measure after the optimizer's transient; the decay test: its first steps
+        run = replace(run, skip=0 if first_steps else skip)
         p = Parametrization(kind="mup", base_width=widths[0], base_depth=base_depth or depth0,
                             depth_alpha=1.0)  # fmt: skip
         with _default_dtype(dtype):
             build = builder(width, depth, p, seed)
+            batches = batches_for(seed)[: run.skip + steps]
             return _trajectory(build, lambda m, r: make_optimizer(m, r, p), p,
-                               batches_for(seed), loss_fn, update_hessian, run,
-                               probe_x)  # fmt: skip
+                               batches, loss_fn, update_hessian, run, probe_x)  # fmt: skip
 
     def init_eps() -> tuple[float, float]:
         """ε values that matter at init: the median over matrices of RMS(G) (compared with
@@ -662,17 +691,20 @@ def probe(
         bar.update()
         devs: dict[str, dict[str, float]] = {}
         for label, eps0, power in (("entry", entry0, 1), ("gram", gram0, 2)):
-            _, ref, _ = trajectory(widths[0], depth0, s0, _Run(eps=eps0))
-            _, fixed, _ = trajectory(widths[0], depth0, s0, _Run(eps=eps0, grad_scale=GRAD_SCALE))
-            _, follow, _ = trajectory(
-                widths[0], depth0, s0, _Run(eps=eps0 * GRAD_SCALE**power, grad_scale=GRAD_SCALE)
+            _, _, ref = trajectory(widths[0], depth0, s0, _Run(eps=eps0, keep=True))
+            _, _, fixed = trajectory(
+                widths[0], depth0, s0, _Run(eps=eps0, grad_scale=GRAD_SCALE, keep=True)
             )
+            _, _, follow = trajectory(
+                widths[0], depth0, s0,
+                _Run(eps=eps0 * GRAD_SCALE**power, grad_scale=GRAD_SCALE, keep=True),
+            )  # fmt: skip
             bar.update(3)
             for role in rules.ROLES:
                 picked = [t for t in tensors if t.role == role]
                 if not picked:
                     continue
-                want = k[0] * math.log(GRAD_SCALE)
+                want = GRAD_SCALE ** k[0]
                 d = devs.setdefault(role, {})
                 d[f"{label}: ε fixed"] = _deviation(picked, ref, fixed, want)
                 d[f"{label}: ε × s^{power}"] = _deviation(picked, ref, follow, want)
@@ -684,8 +716,10 @@ def probe(
         bar.update(7)
 
     # ---- weight decay and weight following, on matrices at the base width
-    _, _, plain = trajectory(widths[0], depth0, s0, _Run(keep=True))
-    _, _, decayed = trajectory(widths[0], depth0, s0, _Run(weight_decay=0.1, keep=True))
+    _, _, plain = trajectory(widths[0], depth0, s0, _Run(keep=True), first_steps=True)
+    _, _, decayed = trajectory(
+        widths[0], depth0, s0, _Run(weight_decay=0.1, keep=True), first_steps=True
+    )
     bar.update()
     decay_ratio = _decay_ratio(tensors, plain, decayed, lr, 0.1)
     _, doubled, _ = trajectory(widths[0], depth0, s0, _Run(weight_scale=2.0))
@@ -703,7 +737,7 @@ def probe(
     result.rule = derive_rule(
         result, arch=arch, n_heads=n_heads, tolerance=tolerance, aux_roles=aux_roles
     )
-    result.seconds = time.perf_counter() - start
+    result.seconds, result.skip = time.perf_counter() - start, skip
     return result
 
 
@@ -729,8 +763,19 @@ def _log_ratios(tensors, a, b) -> list[float]:
 
 
 def _deviation(tensors, ref, other, want: float) -> float:
-    logs = _log_ratios(tensors, ref, other)
-    return statistics.fmean(abs(v - want) for v in logs) if logs else 0.0
+    """Mean over steps of ‖ΔW_other − want·ΔW_ref‖ / ‖want·ΔW_ref‖ over ``tensors``: 0 when
+    the update is homogeneous (a norm-only test misses an ε that only turns the update, as
+    under LAMB's trust ratio, which fixes the norm)."""
+    out = []
+    for a, b in zip(ref, other, strict=True):
+        num = den = 0.0
+        for t in tensors:
+            da, db = a["delta"][t.param], b["delta"][t.param]
+            num += float((db - want * da).pow(2).sum())
+            den += float((want * da).pow(2).sum())
+        if den > 0:
+            out.append(math.sqrt(num / den))
+    return statistics.fmean(out) if out else 0.0
 
 
 def _eps_verdict(d: Mapping[str, float]) -> str | None:
@@ -910,9 +955,6 @@ def cached_rule(optimizer: str, options: Mapping[str, Any]) -> rules.OptimizerRu
 def full_options(optimizer: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """``options`` over the optimizer's defaults, without its ε: the cache key, as
     ``build_optimizer`` forms it."""
-    from .optim import get_spec
+    from .optim import get_spec, split_options
 
-    spec = get_spec(optimizer)
-    merged = {**spec.defaults, **options}
-    merged.pop(spec.eps_key, None) if spec.eps_key else None
-    return merged
+    return split_options(get_spec(optimizer), dict(options))[0]

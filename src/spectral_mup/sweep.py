@@ -85,6 +85,7 @@ from typing import Any
 from . import train
 from .config import RunConfig, _resolve_key, build_config, load_config, retarget_model, tomllib
 from .errors import ConfigError, SmupError
+from .optim import optimizer_key, resolve_rule
 from .store import RESULTS, RunStore
 from .train import CHECKPOINT, WEIGHTS
 
@@ -265,7 +266,7 @@ def load_spec(path: str | Path) -> SweepSpec:
         run_values["model"] = retarget_model(run_values["model"], base_cfg.model.arch)
         run_values["train"].update(out_dir="", progress=False, resume=True)
         if isinstance(run_values["optim"]["name"], str):  # one id for "AdamW" and "adamw"
-            run_values["optim"]["name"] = run_values["optim"]["name"].lower()
+            run_values["optim"]["name"] = optimizer_key(run_values["optim"]["name"])
         try:
             cfg = build_config(run_values)
         except ConfigError as exc:
@@ -275,6 +276,8 @@ def load_spec(path: str | Path) -> SweepSpec:
             per_step = cfg.train.batch_size * cfg.model.block_size
             iters = max(1, math.ceil(budget["tokens"] / per_step))
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_iters=iters))
+        if "." in cfg.optim.name:  # an imported optimizer: its probed rule must exist now
+            resolve_rule(cfg.optim.name, **train.run_optimizer_options(cfg))
         rid = run_id(cfg)
         if rid not in runs:
             section = dataclasses.replace(cfg.train, out_dir=str(out_dir / rid))
@@ -364,7 +367,7 @@ def _grid(table: dict[str, Any], path: Path) -> dict[str, list[Any]]:
             if isinstance(v, list | dict):
                 raise ConfigError(f"{path}: grid.{key} must be a flat list of values, got {v!r}")
         if key == "optimizer":
-            values = [v.lower() if isinstance(v, str) else v for v in values]
+            values = [optimizer_key(v) if isinstance(v, str) else v for v in values]
         if key == "param":
             bad = [v for v in values if v not in ("sp", "mup")]
             if bad:

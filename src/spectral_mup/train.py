@@ -65,7 +65,8 @@ def build_model(cfg: RunConfig, vocab_size: int) -> torch.nn.Module:
     return build_bundled(model_config(cfg.model, vocab_size), cfg.param)
 
 
-def build_run_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def run_optimizer_options(cfg: RunConfig) -> dict[str, Any]:
+    """The [optim] keys the run's optimizer has (its ε under its own name), set in ``cfg``."""
     o = cfg.optim
     spec = get_spec(o.name)
     options = {}
@@ -75,6 +76,12 @@ def build_run_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.O
             options[key] = value
     if "bs" in spec.defaults:  # Sophia: tokens per optimizer step
         options["bs"] = cfg.train.batch_size * cfg.model.block_size
+    return options
+
+
+def build_run_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    options = run_optimizer_options(cfg)
     return build_optimizer(
         o.name,
         model,

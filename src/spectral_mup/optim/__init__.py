@@ -103,6 +103,12 @@ REGISTRY: dict[str, OptimizerSpec] = {
 assert set(REGISTRY) == set(rules.OPTIMIZER_RULES), "every optimizer needs a scaling rule"
 
 
+def optimizer_key(name: str) -> str:
+    """One spelling per optimizer: registered names are case-free (``AdamW`` = ``adamw``);
+    an import path is kept as written (Python names are case-sensitive)."""
+    return name if "." in name else name.lower()
+
+
 def optimizer_names() -> list[str]:
     return sorted(REGISTRY)
 
@@ -157,6 +163,37 @@ def optimizer_rule(name: str, options: dict[str, Any]) -> rules.OptimizerRule:
     return cached_rule(name, options)
 
 
+def split_options(spec: OptimizerSpec, kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """The optimizer's options over its defaults, and its ε (``eps`` names any optimizer's ε,
+    e.g. Shampoo's damping ``epsilon``), taken out of them."""
+    kwargs = dict(kwargs)
+    if spec.eps_key not in (None, "eps") and "eps" in kwargs:
+        kwargs[spec.eps_key] = kwargs.pop("eps")
+    options = {**spec.defaults, **kwargs}
+    eps = options.pop(spec.eps_key) if spec.eps_key else None
+    return options, eps
+
+
+def resolve_rule(
+    name: str,
+    rule: rules.OptimizerRule | str | None = None,
+    spectral_normalize: bool = False,
+    **kwargs: Any,
+) -> rules.OptimizerRule:
+    """The μP rule ``build_optimizer(name, …, rule=rule, **kwargs)`` applies: ``rule`` (a
+    probed rule's JSON file, or an ``OptimizerRule``), else the registered rule configured by
+    the options, else the probed rule cached for an imported class."""
+    spec = get_spec(name)
+    if rule is None:
+        rule = optimizer_rule(name.lower() if name.lower() in REGISTRY else name,
+                              split_options(spec, kwargs)[0])  # fmt: skip
+    elif not isinstance(rule, rules.OptimizerRule):
+        from ..probe import load_rule
+
+        rule = load_rule(rule)
+    return rule.spectral_normalized() if spectral_normalize else rule
+
+
 def build_optimizer(
     name: str,
     model: nn.Module,
@@ -170,7 +207,7 @@ def build_optimizer(
     rule: rules.OptimizerRule | str | None = None,
     **kwargs: Any,
 ) -> torch.optim.Optimizer:
-    """A registered optimizer over ``model`` with per-tensor μP lr / wd / eps groups.
+    """An optimizer over ``model`` with per-tensor μP lr / wd / eps groups.
 
     ``lr``, ``weight_decay`` and ``eps`` (the optimizer's ε under its own name or as
     ``eps``, e.g. Shampoo's damping ``epsilon``) are the base model's values; every other keyword
@@ -189,18 +226,8 @@ def build_optimizer(
         raise ConfigError(f"lr must be > 0, got {lr!r}")
     if weight_decay < 0:
         raise ConfigError(f"weight_decay must be >= 0, got {weight_decay!r}")
-    if spec.eps_key not in (None, "eps") and "eps" in kwargs:  # `eps` names any optimizer's ε
-        kwargs[spec.eps_key] = kwargs.pop("eps")
-    options = {**spec.defaults, **kwargs}
-    eps = options.pop(spec.eps_key) if spec.eps_key else None
-    if rule is None:
-        rule = optimizer_rule(name, options)
-    elif not isinstance(rule, rules.OptimizerRule):
-        from ..probe import load_rule
-
-        rule = load_rule(rule)
-    if spectral_normalize:
-        rule = rule.spectral_normalized()
+    options, eps = split_options(spec, kwargs)
+    rule = resolve_rule(name, rule, spectral_normalize, **kwargs)
     aux = None
     if "adam_lr" in options:  # an optimizer with an AdamW part (Muon)
         aux = {"lr": options.pop("adam_lr"), "weight_decay": options.pop("adam_weight_decay")}
