@@ -155,3 +155,18 @@ def test_cli_probe_bad_input_exits_2(capsys):
     assert "cannot import optimizer" in capsys.readouterr().err
     assert main(["probe", "--optimizer", "adamw", "--widths", "64"]) == 2
     assert "at least two different positive widths" in capsys.readouterr().err
+
+
+def test_sweep_of_an_unprobed_optimizer_stops_before_any_run(tmp_path, monkeypatch, capsys):
+    """A sweep over an imported optimizer checks its probed rule when it expands the grid:
+    without one it exits 2 naming the probe command, and writes no store."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    spec = tmp_path / "s.toml"
+    spec.write_text(
+        '[sweep]\nname = "s"\nstore = "s.sqlite"\nout_dir = "runs"\n[grid]\n'
+        'optimizer = "torch.optim.RAdam"\nlr = [1e-3]\nwidth = [32]\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", str(spec)]) == 2
+    assert "smup probe --optimizer torch.optim.RAdam" in capsys.readouterr().err
+    assert not (tmp_path / "s.sqlite").exists() and not (tmp_path / "runs").exists()
