@@ -329,7 +329,7 @@ def _coord_check(args: argparse.Namespace) -> int:
     from .config import model_option, optimizer_option
     from .coord import model_coord_check
     from .fileio import write_json
-    from .optim import REGISTRY, get_spec
+    from .optim import get_spec, optimizer_key
 
     spec = get_spec(args.optimizer)
     optimizer_kwargs = {}
@@ -358,7 +358,7 @@ def _coord_check(args: argparse.Namespace) -> int:
     common = dict(
         arch=args.arch,
         model_options=dict(model_option(a, args.arch) for a in args.model),
-        optimizer=args.optimizer.lower() if args.optimizer.lower() in REGISTRY else args.optimizer,
+        optimizer=optimizer_key(args.optimizer),
         lr=lr,
         steps=args.steps,
         seeds=tuple(range(args.seeds)),

@@ -185,8 +185,7 @@ def resolve_rule(
     the options, else the probed rule cached for an imported class."""
     spec = get_spec(name)
     if rule is None:
-        rule = optimizer_rule(name.lower() if name.lower() in REGISTRY else name,
-                              split_options(spec, kwargs)[0])  # fmt: skip
+        rule = optimizer_rule(optimizer_key(name), split_options(spec, kwargs)[0])
     elif not isinstance(rule, rules.OptimizerRule):
         from ..probe import load_rule
 
@@ -221,7 +220,7 @@ def build_optimizer(
     written by ``smup probe`` — or else the probed rule cached for that class and options.
     """
     spec = get_spec(name)
-    name = name.lower() if name.lower() in REGISTRY else name
+    name = optimizer_key(name)
     if not lr > 0:
         raise ConfigError(f"lr must be > 0, got {lr!r}")
     if weight_decay < 0:
