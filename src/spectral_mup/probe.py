@@ -408,6 +408,8 @@ class ProbeResult:
                 fontsize=8,
             )
             ax.set_xlabel("width")
+            ax.set_xticks(self.widths, [str(w) for w in self.widths], minor=False)
+            ax.set_xticks([], minor=True)
         axes[0][0].set_ylabel("‖c·ΔW‖* / lr")
         fig.suptitle(f"smup probe: {self.optimizer}", fontsize=9)
         fig.tight_layout()
