@@ -24,6 +24,7 @@ cached as JSON, so that ``build_optimizer("torch.optim.RAdam", …)`` uses it at
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import math
@@ -96,8 +97,6 @@ class _Tensor:
 def _tensors(model: nn.Module, p: Parametrization) -> list[_Tensor]:
     roles = smup_attr(model, "smup_roles")
     splits = smup_attr(model, "smup_splits") or {}
-    import fnmatch
-
     out = []
     for name, param in model.named_parameters():
         info = roles[canonical_name(name)]
