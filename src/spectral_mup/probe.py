@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import hashlib
 import json
 import math
@@ -527,7 +528,7 @@ def probe(
 
     from .data import load_dataset
     from .models import build_model, config_class
-    from .optim import build_optimizer, get_spec
+    from .optim import build_optimizer, get_spec, optimizer_key
     from .train import loss_fn, update_hessian
 
     start = time.perf_counter()
@@ -537,8 +538,8 @@ def probe(
         else f"{optimizer.__module__}.{optimizer.__qualname__}"
     )
     spec = get_spec(name)
-    registered = name.lower() in rules.OPTIMIZER_RULES
-    name = name.lower() if registered else name
+    name = optimizer_key(name)
+    registered = name in rules.OPTIMIZER_RULES
     options = dict(options or {})
     if "eps" in options and spec.eps_key not in (None, "eps"):
         options[spec.eps_key] = options.pop("eps")
@@ -916,10 +917,23 @@ def rule_from_json(data: Mapping[str, Any]) -> rules.OptimizerRule:
 
 
 def load_rule(path: str | os.PathLike) -> rules.OptimizerRule:
-    """The rule in a JSON file written by ``smup probe`` (``ProbeResult.save_json``)."""
+    """The rule in a JSON file written by ``smup probe`` (``ProbeResult.save_json``), parsed
+    once per file version: a sweep resolves it for every run, a probe file holds every
+    measurement (hundreds of kB)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        st = path.stat()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read the rule file {path} ({exc}); write it with smup probe"
+        ) from None
+    return _load_rule(str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _load_rule(path: str, mtime_ns: int, size: int) -> rules.OptimizerRule:
+    try:
+        data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"cannot read the rule file {path} ({exc}); write it with smup probe"
