@@ -71,7 +71,7 @@ def main() -> None:
         if name in rules.OPTIMIZER_RULES:
             rule = rules.rule_for(name, full_options(name, options))
             rule = rule.spectral_normalized() if spectral else rule
-            want = predicted_exponents(rule, widths=data["widths"])
+            want = predicted_exponents(rule, result)
         rows.append((label, data, want))
     print("\nwidth exponent of ‖c·ΔW‖/lr, fitted ± spread (rules.py's registered rule)\n")
     print("| optimizer | " + " | ".join(GROUPS) + " | max Δ | k | depth | eps | family | s |")

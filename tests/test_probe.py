@@ -13,13 +13,15 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
+import spectral_mup as smup
 from spectral_mup import Parametrization, build_optimizer, rules
 from spectral_mup.cli import main
 from spectral_mup.errors import ConfigError
 from spectral_mup.models import GPT, GPTConfig
 from spectral_mup.optim import get_spec
-from spectral_mup.probe import cache_path, load_rule, probe, spectral_norm
+from spectral_mup.probe import cache_path, load_rule, predicted_exponents, probe, spectral_norm
 
 SMALL = dict(widths=(32, 64, 128), depths=(), seeds=(0,), steps=3)
 
@@ -148,6 +150,88 @@ def test_cli_probe_writes_json_plot_and_cache(tmp_path, monkeypatch, capsys):
     hidden = [g for g in opt.param_groups if g["role"] == "hidden"]
     assert all(g["lr"] == pytest.approx(1e-3 / 4) for g in hidden)  # probed: entrywise, η/m
     assert "cached the rule" in capsys.readouterr().out
+
+
+class _MLP(nn.Module):
+    """A plain classifier: 16 features → width → width → 10 classes, with biases."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.inp, self.hid, self.out = (
+            nn.Linear(16, width),
+            nn.Linear(width, width),
+            nn.Linear(width, 10),
+        )
+
+    def forward(self, x):
+        return self.out(torch.relu(self.hid(torch.relu(self.inp(x)))))
+
+
+def _mlp(width, depth, p):
+    model = _MLP(width)
+    smup.parametrize(model, p, base=_MLP(p.base_width), delta=_MLP(2 * p.base_width))
+    return model
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_probe_of_a_plain_module_uses_its_own_fans(optimizer):
+    """Any model factory: an MLP on float features with a fixed 16-feature input and 10
+    classes. Its roles come from parametrize(); the predictions follow its own fans (RULES.md
+    §3, entrywise N = c·sqrt(fan_in·fan_out): input m×16 → +½, hidden → +1, readout c = 1/m
+    → −½, biases of sizes m, m, 10 → (½ + ½ + 0)/3; Muon's hidden update orthogonalized → 0).
+    Spread over seeds 0–2: AdamW input 0.37–0.46, hidden 0.88–0.89, output −0.56…−0.52,
+    vector 0.26–0.29; Muon hidden 0.03–0.04."""
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(64, 16, generator=gen), torch.randint(0, 10, (64,), generator=gen))
+               for _ in range(8)]  # fmt: skip
+    result = probe(optimizer, model=_mlp, batches=batches, **SMALL)
+    hidden = 0.0 if optimizer == "muon" else 1.0
+    spec = {"input": 0.5, "hidden": hidden, "output": -0.5, "vector": 1 / 3}
+    assert predicted_exponents(result.rule, result) == pytest.approx(spec, abs=1e-9)
+    for group, want in spec.items():
+        tol = 0.1 if (group, optimizer) == ("hidden", "muon") else 0.2
+        assert result.exponents[group][0] == pytest.approx(want, abs=tol), group
+    hidden_family = "orthogonalized" if optimizer == "muon" else "entrywise"
+    assert result.families == {"input": "entrywise", "hidden": hidden_family,
+                               "output": "entrywise", "vector": "entrywise"}  # fmt: skip
+    assert result.model == "_mlp" and "on _mlp" in result.table()
+    with pytest.raises(ConfigError, match="without roles"):
+        probe(optimizer, model=lambda w, d, p: _MLP(w), batches=batches, **SMALL)
+    with pytest.raises(ConfigError, match="takes 8 steps"):
+        probe(optimizer, model=_mlp, batches=batches[:4], **SMALL)
+
+
+def test_cli_probe_of_a_model_factory(tmp_path, monkeypatch, capsys):
+    """`smup probe --model pkg.module:function` probes the user's language model on Tiny
+    Shakespeare tokens; a bad path exits 2."""
+    (tmp_path / "my_lm.py").write_text(
+        "import torch\nfrom torch import nn\nimport spectral_mup as smup\n\n"
+        "class LM(nn.Module):\n"
+        "    def __init__(self, width):\n"
+        "        super().__init__()\n"
+        "        self.emb = nn.Embedding(65, width)\n"
+        "        self.hid = nn.Linear(width, width, bias=False)\n"
+        "        self.head = nn.Linear(width, 65, bias=False)\n\n"
+        "    def forward(self, idx):\n"
+        "        return self.head(torch.relu(self.hid(self.emb(idx))))\n\n"
+        "def build(width, depth, p):\n"
+        "    model = LM(width)\n"
+        "    smup.parametrize(model, p, base=LM(p.base_width), delta=LM(2 * p.base_width))\n"
+        "    return model\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "probe"
+    argv = ["probe", "--optimizer", "adamw", "--model", "my_lm:build", "--widths", "32,64,128"]
+    argv += ["--depths", "2", "--seeds", "1", "--steps", "3", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    data = json.loads((out / "probe.json").read_text())
+    assert data["model"] == "build"
+    assert data["families"] == {r: "entrywise" for r in ("input", "hidden", "output", "vector")}
+    assert data["exponents"]["hidden"][0] == pytest.approx(1.0, abs=0.2)
+    capsys.readouterr()
+    for bad in ("my_lm:nothing", "no_such_module:build", "math.pi"):
+        assert main(["probe", "--optimizer", "adamw", "--model", bad]) == 2
+        assert "model factory" in capsys.readouterr().err, bad
 
 
 def test_cli_probe_bad_input_exits_2(capsys):

@@ -433,6 +433,59 @@ def test_sigkilled_sweep_resumes_to_the_rows_of_an_uninterrupted_one(tmp_path):
     assert all(want[i]["status"] == "ok" for i in in_flight)  # killed midway, then resumed
 
 
+def _pool_workers(pid: int) -> set[int]:
+    """Live multiprocessing spawn workers whose parent is ``pid`` (Linux /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:  # exited meanwhile
+            continue
+        if fields[0] != "Z" and int(fields[1]) == pid and b"spawn_main" in cmdline:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_sigterm_to_the_driver_stops_its_pool_workers(tmp_path):
+    """`kill PID` (SIGTERM) of the driver alone, not its process group: its spawn workers
+    must not outlive it (before the fix they trained on, orphaned, for hours)."""
+    grid = 'param = ["sp", "mup"]\nwidth = [16, 32]\ndepth = 1\nlr = [0.004, 0.016]'
+    spec = write_spec(tmp_path, grid, budget="steps = 100000", sweep="workers = 2")
+    cmd = [sys.executable, "-m", "spectral_mup.cli", "sweep", str(spec)]
+    proc = subprocess.Popen(
+        cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 120
+    try:
+        while len(workers := _pool_workers(proc.pid)) < 2:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"sweep ended (rc {proc.returncode}) before its workers started")
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # the driver only
+        proc.communicate(timeout=60)
+        assert proc.returncode == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 30
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [w for w in workers if _alive(w)], "pool workers outlived the driver"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
+    assert _rows_now(S.load_spec(spec).store) == 0  # nothing finished: nothing stored
+
+
 # ----------------------------------------------------------------------------- Ray
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .errors import ConfigError, SmupError
+from .errors import ConfigError, SmupError, import_object
 
 # Coordinate-check LRs at which the base model trains stably for a few steps
 # (3e-3 for every normalized optimizer; SGD needs a raw-gradient LR).
@@ -192,6 +192,13 @@ def _parser() -> argparse.ArgumentParser:
         "--lr", type=float, default=1e-6, help="the fixed base LR (tiny: the model stays at init)"
     )
     pr.add_argument("--arch", default="gpt", help="bundled model: gpt | llama")
+    pr.add_argument(
+        "--model",
+        default=None,
+        metavar="IMPORT_PATH",
+        help="instead of --arch: a factory f(width, depth, p) returning your model with roles "
+        "(pkg.module:function); trained on --data's tokens with cross-entropy on its logits",
+    )
     pr.add_argument("--batch-size", type=int, default=4)
     pr.add_argument("--block-size", type=int, default=32)
     pr.add_argument("--data", default=None, help="data path (default: Tiny Shakespeare)")
@@ -307,6 +314,7 @@ def _probe(args: argparse.Namespace) -> int:
         skip=args.skip,
         lr=args.lr,
         arch=args.arch,
+        model=_factory(args.model) if args.model else None,
         batch_size=args.batch_size,
         block_size=args.block_size,
         data=args.data,
@@ -323,6 +331,15 @@ def _probe(args: argparse.Namespace) -> int:
                             result.to_json())  # fmt: skip
         print(f"cached the rule at {cached}: build_optimizer({args.optimizer!r}, …) uses it")
     return 0
+
+
+def _factory(path: str) -> Callable:
+    factory = import_object(path, "model factory")
+    if not callable(factory):
+        raise ConfigError(
+            f"{path} is not callable: --model takes a model factory f(width, depth, p)"
+        )
+    return factory
 
 
 def _coord_check(args: argparse.Namespace) -> int:

@@ -19,3 +19,20 @@ class DataError(SmupError, OSError):
 
 class CheckpointError(SmupError):
     """A checkpoint that cannot be loaded or does not belong to this run."""
+
+
+def import_object(path: str, what: str) -> object:
+    """The object an import path names (``pkg.module.attr`` or ``pkg.module:attr``), or a
+    ConfigError naming ``what`` was expected."""
+    import importlib
+
+    module, sep, attr = path.partition(":")
+    if not sep:
+        module, _, attr = path.rpartition(".")
+    try:
+        obj = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(f"cannot import {what} {path!r} ({exc}); check the path") from None
+    return obj

@@ -301,15 +301,17 @@ class ProbeResult:
     records: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     skip: int = 0
+    model: str = "gpt"
+    """The probed model: a bundled arch, or the factory's name."""
 
     # ---- output
 
     def table(self) -> str:
         """Markdown: per group, the fitted exponent ± spread and the nearest known family."""
         lines = [
-            f"probe of {self.optimizer} (widths {self.widths}, depths {self.depths}, "
-            f"seeds {self.seeds}, {self.steps} steps after {self.skip}, lr {self.lr:g}, "
-            f"{self.seconds:.0f} s)",
+            f"probe of {self.optimizer} on {self.model} (widths {self.widths}, "
+            f"depths {self.depths}, seeds {self.seeds}, {self.steps} steps after {self.skip}, "
+            f"lr {self.lr:g}, {self.seconds:.0f} s)",
             "",
             "| group | width exponent of ‖c·ΔW‖/lr | on the data | nearest family | its exponent "
             "| rule uses |",
@@ -456,37 +458,39 @@ def _family_exponents(
     }
 
 
-def predicted_exponents(
-    rule: rules.OptimizerRule, result: ProbeResult | None = None, **probe_kw: Any
-) -> dict[str, float]:
+def predicted_exponents(rule: rules.OptimizerRule, result: ProbeResult) -> dict[str, float]:
     """The width exponent of each probed group that ``rule`` predicts along the probe's own
-    tensor paths (the bundled GPT at ``result.widths``)."""
-    widths = result.widths if result is not None else probe_kw.get("widths", (64, 128, 256, 512))
-    paths = _paths(widths, probe_kw.get("arch", "gpt"))
+    tensor paths (the probed model's fans at ``result.widths``)."""
+    paths = _paths(result.records, result.widths)
     out = {}
     for g, ps in paths.items():
         role = "vector" if g.startswith("vector") else g
-        out[g] = statistics.fmean(_path_exponent(rule.family(role), path, widths) for path in ps)
+        out[g] = statistics.fmean(
+            _path_exponent(rule.family(role), path, result.widths) for path in ps
+        )
     return out
 
 
 def _paths(
-    widths: Sequence[int], arch: str = "gpt", depth: int = 2, n_heads: int = 2
+    records: Sequence[Mapping[str, Any]], widths: Sequence[int]
 ) -> dict[str, list[list[_Tensor]]]:
-    """Per group, each tensor's list of shapes across widths (meta models: no compute)."""
-    from .models import build_model, config_class
-
-    p = Parametrization(kind="mup", base_width=min(widths), base_depth=depth)
-    cfg = config_class(arch)(
-        width=min(widths), depth=depth, n_heads=n_heads, vocab_size=65, block_size=8
-    )
-    per_width = []
-    for w in widths:
-        with torch.device("meta"):
-            per_width.append({t.key: t for t in _tensors(build_model(cfg.resized(w, depth), p), p)})
+    """Per group, each measured tensor's shapes across widths, read from the probe's own
+    records (so any probed model, bundled or not, gives its own fans)."""
+    first = {}
+    for r in records:
+        if r["axis"] == "width":
+            first.setdefault((r["tensor"], r["width"]), r)
     paths: dict[str, list[list[_Tensor]]] = {}
-    for key, t in per_width[0].items():
-        paths.setdefault(t.group, []).append([pw[key] for pw in per_width])
+    for key in dict.fromkeys(k for k, w in first if w == widths[0]):
+        if not all((key, w) in first for w in widths):
+            continue  # a tensor not present at every width has no path
+        path = []
+        for w in widths:
+            r = first[(key, w)]
+            role = "vector" if r["group"].startswith("vector") else r["group"]
+            path.append(_Tensor(key, key, None, role, r["in_block"], r["fan_in"], r["fan_out"],
+                                r["forward"], False))  # fmt: skip
+        paths.setdefault(path[0].group, []).append(path)
     return paths
 
 
@@ -508,6 +512,10 @@ def probe(
     batch_size: int = 4,
     block_size: int = 32,
     data: str | None = None,
+    model: Callable[[int, int, Parametrization], nn.Module] | None = None,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    hessian: Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor], None] | None = None,
     spectral_normalize: bool = False,
     tolerance: float = 0.2,
     dtype: torch.dtype = torch.float64,
@@ -519,7 +527,16 @@ def probe(
     class; ``options``: its keyword options (defaults: its own). The model is the bundled
     ``arch`` at ``widths`` (heads fixed at ``n_heads``; depth ``depths[0]``) on ``data``
     (Tiny Shakespeare by default), in ``dtype``; ``depths`` at the base width measure the
-    in-block depth response (empty: skip). ``steps`` steps are measured after ``skip`` steps
+    in-block depth response (empty: skip).
+
+    Any other model: ``model(width, depth, p)`` returns it built at that size with roles for
+    the μP Parametrization ``p`` (a bundled model, or ``spectral_mup.parametrize(m, p,
+    base=...)`` against the model at ``p.base_width``, which is ``widths[0]``); ``batches``
+    (at least ``skip + steps`` of them; default: Tiny Shakespeare tokens) are its training
+    batches, the first one's inputs also the probe batch, and ``loss(model, x, y)`` its loss
+    (default: cross-entropy on the logits). ``hessian(model, opt, x)`` refreshes the
+    curvature estimate of an optimizer that keeps one (default: ``train.update_hessian``,
+    for a language model). ``steps`` steps are measured after ``skip`` steps
     of the optimizer's transient (bias corrections; RAdam is SGD with momentum for its first
     five). Roles whose exponent is farther than ``tolerance`` from every known family get a
     fitted family.
@@ -580,24 +597,59 @@ def probe(
         return build_optimizer(name, model, p, lr, run.weight_decay, rule=unit,
                                spectral_normalize=spectral_normalize, **kw)  # fmt: skip
 
-    dataset = load_dataset(data)
-    config_cls = config_class(arch)
-    probe_x = dataset.get_batch("val", batch_size, block_size, torch.Generator().manual_seed(7))[0]
+    loss = loss or loss_fn
+    hessian = hessian or update_hessian
+    if batches is not None:  # floating inputs in the probe's dtype
+        batches = [tuple(t.to(dtype) if t.is_floating_point() else t for t in b) for b in batches]
+        if len(batches) < skip + steps:
+            raise ConfigError(
+                f"the probe takes {skip + steps} steps (skip + steps) but got {len(batches)} "
+                "batches; pass more or lower steps/skip"
+            )
+        probe_x = batches[0][0]
 
-    def batches_for(seed: int) -> list:
-        gen = torch.Generator().manual_seed(1000 + seed)
-        return [
-            dataset.get_batch("train", batch_size, block_size, gen) for _ in range(skip + steps)
-        ]
+        def batches_for(seed: int) -> list:
+            return batches
+
+    else:
+        dataset = load_dataset(data)
+        gen = torch.Generator().manual_seed(7)
+        probe_x = dataset.get_batch("val", batch_size, block_size, gen)[0]
+
+        def batches_for(seed: int) -> list:
+            gen = torch.Generator().manual_seed(1000 + seed)
+            return [
+                dataset.get_batch("train", batch_size, block_size, gen) for _ in range(skip + steps)
+            ]
+
+    if model is None:
+        config_cls = config_class(arch)
+        if batches is None:
+            vocab = dataset.vocab_size
+        else:
+            vocab = 1 + max(int(t.max()) for b in batches for t in b)
+
+        def model(width: int, depth: int, p: Parametrization) -> nn.Module:
+            cfg = config_cls(width=width, depth=depth, n_heads=n_heads, vocab_size=vocab,
+                             block_size=block_size)  # fmt: skip
+            return build_model(cfg, p)
+
+        model_name = arch
+    else:
+        model_name = getattr(model, "__qualname__", type(model).__name__)
+    factory = model
 
     def builder(width: int, depth: int, p: Parametrization, seed: int) -> Callable[[], nn.Module]:
-        cfg = config_cls(width=width, depth=depth, n_heads=n_heads,
-                         vocab_size=dataset.vocab_size, block_size=block_size)  # fmt: skip
-
         def build() -> nn.Module:
             torch.manual_seed(seed)
-            model = build_model(cfg, p).to(dtype)
-            return model
+            built = factory(width, depth, p)
+            if smup_attr(built, "smup_roles") is None:
+                raise ConfigError(
+                    f"the probe's model {model_name} returned a model without roles: build it "
+                    "with the Parametrization it is given, or call spectral_mup.parametrize("
+                    "model, p, base=...) on it"
+                )
+            return built.to(dtype)
 
         return build
 
@@ -608,18 +660,18 @@ def probe(
                             depth_alpha=1.0)  # fmt: skip
         with _default_dtype(dtype):
             build = builder(width, depth, p, seed)
-            batches = batches_for(seed)[: run.skip + steps]
+            run_batches = batches_for(seed)[: run.skip + steps]
             return _trajectory(build, lambda m, r: make_optimizer(m, r, p), p,
-                               batches, loss_fn, update_hessian, run, probe_x)  # fmt: skip
+                               run_batches, loss, hessian, run, probe_x)  # fmt: skip
 
     def init_eps() -> tuple[float, float]:
         """ε values that matter at init: the median over matrices of RMS(G) (compared with
         gradient entries) and of ‖G‖_F²/min(fans) (compared with the eigenvalues of G·Gᵀ)."""
         p = Parametrization(kind="mup", base_width=widths[0], base_depth=depth0)
         with _default_dtype(dtype):
-            model = builder(widths[0], depth0, p, seeds[0])()
-            loss_fn(model, *batches_for(seeds[0])[0]).backward()
-        grads = [q.grad for q in model.parameters() if q.ndim >= 2 and q.grad is not None]
+            net = builder(widths[0], depth0, p, seeds[0])()
+            loss(net, *batches_for(seeds[0])[0]).backward()
+        grads = [q.grad for q in net.parameters() if q.ndim >= 2 and q.grad is not None]
         entry = statistics.median(float(g.pow(2).mean().sqrt()) for g in grads)
         gram = statistics.median(float(g.pow(2).sum()) / min(g.shape) for g in grads)
         return entry, gram
@@ -734,11 +786,9 @@ def probe(
         name, _jsonable(options), widths, depths, list(seeds), steps, lr, exponents,
         data_exponents, depth_exponents, k, eps_rule, eps_response, decay_ratio,
         weight_ratio, {}, {},
-        records=records,
+        records=records, model=model_name,
     )  # fmt: skip
-    result.rule = derive_rule(
-        result, arch=arch, n_heads=n_heads, tolerance=tolerance, aux_roles=aux_roles
-    )
+    result.rule = derive_rule(result, tolerance=tolerance)
     result.seconds, result.skip = time.perf_counter() - start, skip
     return result
 
@@ -808,20 +858,16 @@ def _decay_ratio(tensors, plain, decayed, lr: float, lam: float) -> float:
     return statistics.median(out) if out else 1.0
 
 
-def derive_rule(
-    result: ProbeResult,
-    *,
-    arch: str = "gpt",
-    n_heads: int = 2,
-    tolerance: float = 0.2,
-    aux_roles: tuple = (),
-) -> rules.OptimizerRule:
+def derive_rule(result: ProbeResult, *, tolerance: float = 0.2) -> rules.OptimizerRule:
     """The rule the measurements imply: per role the nearest known family of the same
     gradient degree k when its exponents are within ``tolerance`` (ties: the first in
     ``_candidates`` — equal exponents give equal LR rules), else a fitted family; the
-    measured weight-decay and ‖W‖ behaviour replace the family's. Fills ``result.nearest``
-    and ``result.families``."""
-    paths = _paths(result.widths, arch, n_heads=n_heads)
+    measured weight-decay and ‖W‖ behaviour replace the family's. A registered optimizer
+    keeps its auxiliary roles (Muon's AdamW part). Fills ``result.nearest`` and
+    ``result.families``."""
+    registered = result.optimizer in rules.OPTIMIZER_RULES
+    aux_roles = rules.rule_for(result.optimizer).auxiliary if registered else ()
+    paths = _paths(result.records, result.widths)
     k = result.k[0]
     cands = _candidates()
     order = list(cands)

@@ -70,9 +70,11 @@ import logging
 import math
 import multiprocessing
 import os
+import signal
 import socket
 import sqlite3
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -561,6 +563,10 @@ def run_local(runs: list[Run], workers: int, on_result: OnResult) -> None:
         initializer=_set_threads,
         initargs=(threads,),
     )
+    # SIGTERM (kill, pkill, a scheduler's stop) would end this process at once and orphan
+    # the workers, which then train on for hours: turn it into an exit that stops them
+    in_main = threading.current_thread() is threading.main_thread()
+    old_handler = signal.signal(signal.SIGTERM, _exit_on_signal) if in_main else None
     try:
         futures: dict[Future, Run] = {pool.submit(execute, run.config): run for run in runs}
         pending = set(futures)
@@ -579,7 +585,14 @@ def run_local(runs: list[Run], workers: int, on_result: OnResult) -> None:
             process.terminate()
         pool.shutdown(wait=False, cancel_futures=True)
         raise
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, old_handler)
     pool.shutdown(wait=True)
+
+
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def import_ray() -> Any:

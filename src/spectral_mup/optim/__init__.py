@@ -7,7 +7,6 @@ AdamW and SGD are torch's own; the μP rule of every name lives in
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 import warnings
 from collections.abc import Callable
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import rules
-from ..errors import ConfigError
+from ..errors import ConfigError, import_object
 from ..parametrize import Parametrization, param_groups, smup_attr
 from .adopt import ADOPT
 from .lamb import LAMB
@@ -134,11 +133,7 @@ def get_spec(name: str) -> OptimizerSpec:
 
 @functools.lru_cache(maxsize=32)
 def _imported_spec(path: str) -> OptimizerSpec:
-    module, _, attr = path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ConfigError(f"cannot import optimizer {path!r} ({exc}); check the path") from None
+    cls = import_object(path, "optimizer")
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise ConfigError(f"{path} is not a torch.optim.Optimizer subclass")
     params = inspect.signature(cls.__init__).parameters
