@@ -301,7 +301,7 @@ def test_rerun_retries_a_failed_run_once_its_cause_is_fixed(tmp_path, monkeypatc
     spec_path = write_spec(
         tmp_path, "width = 16\ndepth = 1\nlr = [0.004, 0.008]", sweep="workers = 1"
     )
-    monkeypatch.setattr(S, "available_cores", lambda: 1)  # one torch thread on a busy machine
+    monkeypatch.setattr(S.executors, "available_cores", lambda: 1)  # one thread: busy machine
     spec = S.load_spec(spec_path)
     broken, fine = spec.runs
     corrupt = Path(broken.config.train.out_dir) / "checkpoint.pt"
@@ -342,10 +342,10 @@ def test_rerun_retries_a_failed_run_once_its_cause_is_fixed(tmp_path, monkeypatc
 def test_rerun_skips_stored_runs_and_runs_only_new_ones(tmp_path, monkeypatch, capsys):
     grid = "width = [16, 32]\ndepth = 1\nlr = [0.004, 0.008]"
     spec_path = write_spec(tmp_path, grid, sweep="workers = 1")  # in-process
-    monkeypatch.setattr(S, "available_cores", lambda: 1)  # one torch thread on a busy machine
+    monkeypatch.setattr(S.executors, "available_cores", lambda: 1)  # one thread: busy machine
     calls = []
-    train_run = S._train_run
-    monkeypatch.setattr(S, "_train_run", lambda cfg: calls.append(cfg) or train_run(cfg))
+    train_run = S.executors._train_run
+    monkeypatch.setattr(S.executors, "_train_run", lambda cfg: calls.append(cfg) or train_run(cfg))
     first = S.run_sweep(S.load_spec(spec_path), progress=False)
     assert (first.counts["ok"], first.skipped, len(calls)) == (4, 0, 4)
     before = by_id(tmp_path / "store.sqlite")
@@ -492,7 +492,7 @@ def test_sigterm_to_the_driver_stops_its_pool_workers(tmp_path):
 def test_ray_executor_gives_the_rows_of_the_local_executor(tmp_path, monkeypatch):
     import ray
 
-    monkeypatch.setattr(S, "available_cores", lambda: 1)  # one thread, as in each Ray task
+    monkeypatch.setattr(S.executors, "available_cores", lambda: 1)  # as in each Ray task
     grid = 'param = ["sp", "mup"]\nwidth = 16\ndepth = 1\nlr = [0.008, 10.0]'
     kw = dict(overrides='"train.warmup_iters" = 0\n"train.loss_ceiling" = 5.0\n')
     local = S.load_spec(write_spec(tmp_path / "local", grid, **kw))

@@ -3,7 +3,7 @@
 1. Sweep the proxy: the runs of a sweep spec at the proxy size (its only width and depth,
    or ``--proxy-width``/``--proxy-depth`` when the spec sweeps several).
 2. Pick the proxy's best LR per (optimizer, parametrization, α, weight decay): the argmin of
-   the seed-mean best val loss, with report.py's rules (an LR where a seed diverged is never
+   the seed-mean best val loss, with the report's rules (an LR where a seed diverged is never
    best).
 3. Train the target width/depth at that LR under μP, one run per seed of the spec — and,
    with ``sp=True``, SP at the proxy's SP optimum (what a practitioner without μP would do).

@@ -1,0 +1,206 @@
+"""The report's data model: store rows grouped into studies (one LR sweep along one axis)
+of cells (seed statistics at one LR and size); the rules are in the package docstring."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import SmupError
+
+AXES = ("width", "depth")
+PARAM_LABEL = {"sp": "SP", "mup": "μP"}
+
+
+class ReportError(SmupError):
+    """The store holds nothing a report can be made of."""
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _lr_key(lr: float) -> float:
+    """LRs read back from a store compare equal up to float noise in the 12th digit."""
+    return float(f"{float(lr):.12g}")
+
+
+@dataclass(frozen=True)
+class StudyKey:
+    sweep: str
+    optimizer: str
+    param: str  # sp | mup
+    depth_alpha: float | None
+    weight_decay: float
+    axis: str  # width | depth
+    fixed: int  # the depth of a width study, the width of a depth study
+    arch: str = "gpt"  # the bundled model (config model.arch): never mixed in one study
+
+    @property
+    def other(self) -> str:
+        return "depth" if self.axis == "width" else "width"
+
+    def label(self, param: bool = True) -> str:
+        """E.g. ``s1: adamw μP, α=1, wd=0, width sweep at depth 2`` (``param=False``: no μP)."""
+        name = f" {PARAM_LABEL.get(self.param, self.param)}" if param else ""
+        alpha = "" if self.depth_alpha is None else f", α={self.depth_alpha:g}"
+        arch = "" if self.arch == "gpt" else f"{self.arch} "
+        return (
+            f"{self.sweep}: {arch}{self.optimizer}{name}{alpha}, wd={self.weight_decay:g}, "
+            f"{self.axis} sweep at {self.other} {self.fixed}"
+        )
+
+
+@dataclass
+class Cell:
+    """The runs of one (LR, size) of a study."""
+
+    lr: float
+    size: int
+    losses: list[float] = field(default_factory=list)  # best val loss of the ok seeds
+    seeds: list[int] = field(default_factory=list)  # seeds of ``losses``
+    n_diverged: int = 0
+    n_failed: int = 0
+
+    @property
+    def n_seeds(self) -> int:
+        return len(self.losses) + self.n_diverged + self.n_failed
+
+    @property
+    def status(self) -> str:
+        if self.n_diverged:
+            return "div"
+        return "ok" if self.losses else "fail"
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.losses)) if self.status == "ok" else math.nan
+
+    @property
+    def std(self) -> float:
+        ok = self.status == "ok" and len(self.losses) > 1
+        return float(np.std(self.losses, ddof=1)) if ok else math.nan
+
+    @property
+    def value(self) -> float:
+        """The seed-mean; +inf for a cell that is not ``ok`` (it never wins a column)."""
+        return self.mean if self.status == "ok" else math.inf
+
+
+@dataclass
+class Study:
+    key: StudyKey
+    lrs: list[float]  # descending, as in the paper
+    sizes: list[int]  # ascending
+    cells: dict[tuple[float, int], Cell]
+
+    def cell(self, lr: float, size: int) -> Cell | None:
+        return self.cells.get((lr, size))
+
+    def column(self, size: int) -> list[tuple[float, float]]:
+        """(lr, seed-mean or +inf) of every stored cell of one size, LR ascending."""
+        return [
+            (lr, self.cells[lr, size].value) for lr in sorted(self.lrs) if (lr, size) in self.cells
+        ]
+
+    def best_lr(self, size: int) -> float | None:
+        """Argmin over LRs of the seed-mean (an exact tie goes to the smaller LR); None when
+        no cell of the column is ``ok``."""
+        col = [(v, lr) for lr, v in self.column(size) if math.isfinite(v)]
+        return min(col)[1] if col else None
+
+    def is_best(self, lr: float, size: int) -> bool:
+        """Whether the cell has the lowest seed-mean of its column (ties all count)."""
+        cell = self.cell(lr, size)
+        if cell is None or cell.status != "ok":
+            return False
+        return cell.mean <= min(v for _, v in self.column(size))
+
+    @property
+    def max_seeds(self) -> int:
+        return max(c.n_seeds for c in self.cells.values())
+
+    def grid_step(self) -> float | None:
+        """The smallest log2 spacing between the study's LRs."""
+        logs = np.log2(sorted(self.lrs))
+        return float(np.min(np.diff(logs))) if len(logs) > 1 else None
+
+
+def _alpha(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _arch(row: dict[str, Any]) -> str:
+    """The run's model architecture, from its stored config (rows from before Llama: GPT)."""
+    config = row.get("config")
+    model = config.get("model", {}) if isinstance(config, dict) else {}
+    return str(model.get("arch", "gpt"))
+
+
+def build_studies(rows: Iterable[dict[str, Any]]) -> list[Study]:
+    """Group store rows into studies (module docstring). When a group varies in width and
+    in depth, it gives one width study per depth with several widths and one depth study
+    per width with several depths; a point in neither is a one-column width study."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        key = (
+            str(row["sweep"]),
+            str(row["optimizer"]),
+            str(row["param"]),
+            _alpha(row.get("depth_alpha")),
+            float(row["weight_decay"]),
+            _arch(row),
+        )
+        groups[key].append(row)
+    studies = []
+    for key in sorted(groups, key=lambda k: tuple((v is None, v) for v in k)):
+        group = groups[key]
+        points = {(int(r["width"]), int(r["depth"])) for r in group}
+        by_depth, by_width = defaultdict(set), defaultdict(set)
+        for w, d in points:
+            by_depth[d].add(w)
+            by_width[w].add(d)
+        plans: list[tuple[str, int]] = []
+        if len(by_depth) == 1:  # one depth: a width sweep (or a single point)
+            plans = [("width", next(iter(by_depth)))]
+        elif len(by_width) == 1:
+            plans = [("depth", next(iter(by_width)))]
+        else:
+            covered = set()
+            for d, ws in sorted(by_depth.items()):
+                if len(ws) > 1:
+                    plans.append(("width", d))
+                    covered |= {(w, d) for w in ws}
+            for w, ds in sorted(by_width.items()):
+                if len(ds) > 1:
+                    plans.append(("depth", w))
+                    covered |= {(w, d) for d in ds}
+            plans += sorted({("width", d) for w, d in points - covered})
+        for axis, fixed in plans:
+            *fields_, arch = key
+            studies.append(_study(StudyKey(*fields_, axis=axis, fixed=fixed, arch=arch), group))
+    return studies
+
+
+def _study(key: StudyKey, rows: list[dict[str, Any]]) -> Study:
+    cells: dict[tuple[float, int], Cell] = {}
+    for row in rows:
+        if int(row[key.other]) != key.fixed:
+            continue
+        lr, size = _lr_key(row["lr"]), int(row[key.axis])
+        cell = cells.setdefault((lr, size), Cell(lr, size))
+        loss = row.get("best_val_loss")
+        if row["status"] == "failed":
+            cell.n_failed += 1
+        elif row["status"] == "diverged" or loss is None or not math.isfinite(loss):
+            cell.n_diverged += 1
+        else:
+            cell.losses.append(float(loss))
+            cell.seeds.append(int(row["seed"]))
+    lrs = sorted({lr for lr, _ in cells}, reverse=True)
+    sizes = sorted({s for _, s in cells})
+    return Study(key, lrs, sizes, cells)

@@ -1,0 +1,211 @@
+"""Transfer statistics of a study: best LR per size (argmin and sub-grid fit), drift in grid
+steps, the transferred LR, "wider better"; SP/μP pairs and their comparison rows."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import Any
+
+import numpy as np
+
+from .data import Study, StudyKey
+
+# ----------------------------------------------------------------------------- transfer
+
+
+@dataclass
+class Transfer:
+    """The transfer summary of one study (module docstring); sizes are widths or depths."""
+
+    study: str
+    key: StudyKey
+    sizes: list[int]
+    best_lr: dict[int, float | None]  # argmin of the seed-mean
+    best_loss: dict[int, float]  # seed-mean at best_lr (NaN when none)
+    best_std: dict[int, float]  # seed std at best_lr
+    best_n: dict[int, int]  # seeds at best_lr
+    at_edge: dict[int, bool]  # best_lr is the smallest or largest LR of the grid
+    fit_lr: dict[int, float | None]  # sub-grid optimum (parabola in log2 lr)
+    grid_step: float | None  # log2
+    drift_steps: float | None  # argmin optimum, in grid steps
+    fit_drift_steps: float | None  # sub-grid optimum, in grid steps
+    transferred_lr: float | None  # best LR of the narrowest size
+    loss_at_transferred: dict[int, float]  # +inf where the cell is not ok, NaN where missing
+    wider_better: bool | None
+    monotone: bool | None
+    min_seeds: int  # fewest ok seeds in the best cell of a size
+
+    def to_json(self) -> dict[str, Any]:
+        def num(x: float | None) -> float | None:
+            return None if x is None or not math.isfinite(x) else x
+
+        def per(d: dict[int, Any]) -> dict[str, Any]:
+            return {str(k): num(v) if isinstance(v, float) else v for k, v in d.items()}
+
+        return {
+            "study": self.study,
+            "sweep": self.key.sweep,
+            "arch": self.key.arch,
+            "optimizer": self.key.optimizer,
+            "param": self.key.param,
+            "depth_alpha": self.key.depth_alpha,
+            "weight_decay": self.key.weight_decay,
+            "axis": self.key.axis,
+            "fixed": {self.key.other: self.key.fixed},
+            "sizes": self.sizes,
+            "best_lr": per(self.best_lr),
+            "best_loss": per(self.best_loss),
+            "best_std": per(self.best_std),
+            "best_n": per(self.best_n),
+            "at_edge": per(self.at_edge),
+            "fit_lr": per(self.fit_lr),
+            "grid_step_log2": self.grid_step,
+            "drift_steps": self.drift_steps,
+            "fit_drift_steps": self.fit_drift_steps,
+            "transferred_lr": self.transferred_lr,
+            "loss_at_transferred": {
+                str(k): ("div/fail" if v == math.inf else num(v))
+                for k, v in self.loss_at_transferred.items()
+            },
+            "wider_better": self.wider_better,
+            "monotone": self.monotone,
+            "min_seeds": self.min_seeds,
+        }
+
+
+def fit_optimum(column: Sequence[tuple[float, float]], best: float) -> float:
+    """Sub-grid optimum: vertex of the parabola through (log2 lr, loss) at the argmin
+    ``best`` and its two neighbours in ``column`` ((lr, loss) pairs, LR ascending); the
+    argmin itself at the grid edge, next to a non-finite loss, or without curvature."""
+    lrs = [lr for lr, _ in column]
+    i = lrs.index(best)
+    if i == 0 or i == len(column) - 1:
+        return best
+    pts = column[i - 1 : i + 2]
+    if not all(math.isfinite(v) for _, v in pts):
+        return best
+    x = np.log2([lr for lr, _ in pts])
+    a, b, _ = np.polyfit(x, [v for _, v in pts], 2)
+    if a <= 0:
+        return best
+    return float(2.0 ** float(np.clip(-b / (2 * a), x[0], x[2])))
+
+
+def _drift(lrs: Iterable[float | None], step: float | None) -> float | None:
+    logs = [math.log2(lr) for lr in lrs if lr is not None]
+    if step is None or len(logs) < 2:
+        return None
+    return (max(logs) - min(logs)) / step
+
+
+def transfer_summary(study: Study) -> Transfer:
+    """Best LR per size, drift in grid steps, the transferred LR and the wider-is-better
+    checks of one study (module docstring)."""
+    best_lr, best_loss, best_std, best_n, at_edge, fit_lr = {}, {}, {}, {}, {}, {}
+    lo, hi = min(study.lrs), max(study.lrs)
+    for size in study.sizes:
+        lr = study.best_lr(size)
+        best_lr[size] = lr
+        cell = study.cell(lr, size) if lr is not None else None
+        best_loss[size] = cell.mean if cell else math.nan
+        best_std[size] = cell.std if cell else math.nan
+        best_n[size] = len(cell.losses) if cell else 0
+        at_edge[size] = lr is not None and len(study.lrs) > 1 and lr in (lo, hi)
+        fit_lr[size] = fit_optimum(study.column(size), lr) if lr is not None else None
+    step = study.grid_step()
+    narrow, wide = study.sizes[0], study.sizes[-1]
+    t_lr = best_lr[narrow]
+    loss_at: dict[int, float] = {}
+    wider = monotone = None
+    if t_lr is not None:
+        for size in study.sizes:
+            cell = study.cell(t_lr, size)
+            loss_at[size] = cell.value if cell else math.nan
+        if len(study.sizes) > 1:
+            wider = bool(loss_at[wide] < loss_at[narrow])
+            seq = [v for v in loss_at.values() if not math.isnan(v)]
+            monotone = all(b < a for a, b in pairwise(seq))
+    return Transfer(
+        study=study.key.label(),
+        key=study.key,
+        sizes=list(study.sizes),
+        best_lr=best_lr,
+        best_loss=best_loss,
+        best_std=best_std,
+        best_n=best_n,
+        at_edge=at_edge,
+        fit_lr=fit_lr,
+        grid_step=step,
+        drift_steps=_drift(best_lr.values(), step),
+        fit_drift_steps=_drift(fit_lr.values(), step),
+        transferred_lr=t_lr,
+        loss_at_transferred=loss_at,
+        wider_better=wider,
+        monotone=monotone,
+        min_seeds=min((n for n in best_n.values() if n), default=0),
+    )
+
+
+@dataclass
+class Pair:
+    """The SP and μP studies of one (sweep, model, optimizer, α, weight decay, axis, fixed
+    size)."""
+
+    sp: Study | None
+    mup: Study | None
+
+    @property
+    def key(self) -> StudyKey:
+        return (self.mup or self.sp).key  # type: ignore[union-attr]
+
+    def studies(self) -> list[Study]:
+        return [s for s in (self.sp, self.mup) if s is not None]
+
+
+def pair_studies(studies: Sequence[Study]) -> list[Pair]:
+    """Match each μP study with the SP study of the same sweep, optimizer, weight decay,
+    axis and fixed size: the one with the same α, else the only one (SP ignores α)."""
+    by: dict[tuple[Any, ...], dict[str, list[Study]]] = defaultdict(lambda: defaultdict(list))
+    for s in studies:
+        k = s.key
+        by[k.sweep, k.arch, k.optimizer, k.weight_decay, k.axis, k.fixed][k.param].append(s)
+    pairs = []
+    for group in by.values():
+        sps, used = group.get("sp", []), set()
+        for mup in group.get("mup", []):
+            same = [s for s in sps if s.key.depth_alpha == mup.key.depth_alpha]
+            sp = same[0] if same else (sps[0] if len(sps) == 1 else None)
+            if sp is not None:
+                used.add(id(sp))
+            pairs.append(Pair(sp, mup))
+        pairs += [Pair(sp, None) for sp in sps if id(sp) not in used]
+        pairs += [Pair(None, s) for p, ss in group.items() if p not in ("sp", "mup") for s in ss]
+    return pairs
+
+
+def comparison(pairs: Sequence[Pair]) -> list[dict[str, Any]]:
+    """One row per pair: drift (argmin and fitted) and wider-better, SP vs μP."""
+    rows = []
+    for pair in pairs:
+        k = pair.key
+        row: dict[str, Any] = {
+            "sweep": k.sweep,
+            "arch": k.arch,
+            "optimizer": k.optimizer,
+            "axis": k.axis,
+            "fixed": f"{k.other} {k.fixed}",
+            "depth_alpha": k.depth_alpha,
+            "weight_decay": k.weight_decay,
+        }
+        for name, study in (("sp", pair.sp), ("mup", pair.mup)):
+            t = transfer_summary(study) if study else None
+            row[f"drift_{name}"] = t.drift_steps if t else None
+            row[f"fit_drift_{name}"] = t.fit_drift_steps if t else None
+            row[f"wider_better_{name}"] = t.wider_better if t else None
+            row[f"monotone_{name}"] = t.monotone if t else None
+        rows.append(row)
+    return rows

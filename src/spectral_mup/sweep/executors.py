@@ -1,0 +1,213 @@
+"""Executors: how a sweep's runs are trained and their results come back to the driver.
+
+``local``: a spawn process pool with the cores split between workers (one worker runs in
+this process); ``ray``: the same run function as a Ray task. Each calls ``on_result(run,
+result)`` in the driver as runs finish (``result`` None: the worker died).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from .. import train
+from ..config import RunConfig
+from ..errors import ConfigError, SmupError
+from .spec import Run
+
+# ----------------------------------------------------------------------------- one run
+
+
+def _train_run(cfg: RunConfig) -> dict[str, Any]:
+    return train.run(cfg, log=None)
+
+
+def execute(cfg: RunConfig) -> dict[str, Any]:
+    """Train one run; never raises for an ordinary exception: a failure is a result
+    (status ``failed``, ``error`` = exception type and first line of its message)."""
+    try:
+        result = _train_run(cfg)
+    except Exception as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        error = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+        return {"status": "failed", "error": error[:500]}
+    keep = (
+        "status",
+        "best_val_loss",
+        "final_val_loss",
+        "final_train_loss",
+        "diverged_at",
+        "iters",
+        "tokens",
+        "wall_time",
+    )
+    return {k: result.get(k) for k in keep}
+
+
+def _execute_with_threads(cfg: RunConfig, threads: int) -> dict[str, Any]:
+    _set_threads(threads)
+    return execute(cfg)
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- executors
+
+OnResult = Callable[[Run, dict[str, Any] | None], None]  # None: the run was lost
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+def run_local(runs: list[Run], workers: int, on_result: OnResult) -> None:
+    """A spawn process pool of ``workers`` processes, each with cores // workers torch
+    threads; one worker runs in this process."""
+    threads = max(1, available_cores() // workers)
+    if workers == 1:
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for run in runs:
+                on_result(run, execute(run.config))
+        finally:
+            torch.set_num_threads(before)
+        return
+    pool = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_set_threads,
+        initargs=(threads,),
+    )
+    # SIGTERM (kill, pkill, a scheduler's stop) would end this process at once and orphan
+    # the workers, which then train on for hours: turn it into an exit that stops them
+    in_main = threading.current_thread() is threading.main_thread()
+    old_handler = signal.signal(signal.SIGTERM, _exit_on_signal) if in_main else None
+    try:
+        futures: dict[Future, Run] = {pool.submit(execute, run.config): run for run in runs}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                try:
+                    result = future.result()
+                except BrokenProcessPool:
+                    result = None
+                on_result(futures[future], result)
+    except BaseException:
+        # Ctrl-C or a store error: stop the runs in flight (they resume from their
+        # checkpoints next time) instead of waiting for them to finish
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, old_handler)
+    pool.shutdown(wait=True)
+
+
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise SmupError(
+            "--executor ray needs Ray: pip install 'spectral-mup[ray]' (or use --executor local)"
+        ) from None
+    return ray
+
+
+def _check_reachable(address: str | None) -> None:
+    """Fail fast on a cluster address nothing listens at (Ray itself retries for minutes)."""
+    if not address or address in ("auto", "local"):
+        return
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"--address must look like HOST:PORT or ray://HOST:PORT, got {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as exc:
+        raise SmupError(
+            f"cannot reach a Ray cluster at {address} ({exc.strerror or exc}); "
+            "start one with `ray start --head` or fix --address"
+        ) from None
+
+
+def run_ray(
+    runs: list[Run],
+    workers: int,
+    on_result: OnResult,
+    *,
+    address: str | None = None,
+    cpus_per_run: int = 0,
+) -> None:
+    """Each run a Ray task (``num_cpus`` = ``cpus_per_run``, else the cluster's CPUs //
+    ``workers``, else 1), at most ``workers`` in flight; results return to the driver."""
+    ray = import_ray()
+    started = False
+    if not ray.is_initialized():
+        _check_reachable(address)
+        kwargs: dict[str, Any] = {
+            "address": address,
+            "logging_level": logging.WARNING,
+            "log_to_driver": False,
+        }
+        if address is None:
+            kwargs["include_dashboard"] = False
+        env = {k: os.environ[k] for k in ("SMUP_DATA_DIR",) if os.environ.get(k)}
+        if env:
+            kwargs["runtime_env"] = {"env_vars": env}
+        try:
+            ray.init(**kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = address or "a local Ray instance"
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise SmupError(f"cannot start or reach Ray at {where}: {reason}") from None
+        started = True
+    try:
+        if cpus_per_run:
+            cpus = cpus_per_run
+        elif workers:
+            cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
+        else:
+            cpus = 1
+        task = ray.remote(num_cpus=cpus, max_retries=0)(_execute_with_threads)
+        limit = workers or len(runs)
+        queue = list(runs)
+        in_flight: dict[Any, Run] = {}
+        while queue or in_flight:
+            while queue and len(in_flight) < limit:
+                run = queue.pop(0)
+                in_flight[task.remote(run.config, cpus)] = run
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            for ref in done:
+                run = in_flight.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayError:  # the worker died; the task is not a result
+                    result = None
+                on_result(run, result)
+    finally:
+        if started:
+            ray.shutdown()
