@@ -128,6 +128,68 @@ def test_init_statistics():
     assert m2.blocks[0].attn.c_attn.weight[128:].abs().max().item() > 0.0
 
 
+HPS = dict(
+    lr_input=2.0,
+    lr_output=0.5,
+    lr_vector=4.0,
+    readout_scale=3.0,
+    init_input=0.5,
+    init_output=2.0,
+    attention_mult=1.5,
+)
+
+
+def test_transferable_hps_at_width_4x():
+    """Base-model HPs beyond the LR (Parametrization docstring): per-role LR multipliers on top
+    of the width rules, the readout multiplier's constant, per-role init std, attention
+    inverse temperature — each a plain factor on the default value, at any width."""
+    shape = GPTConfig(width=256, depth=1, n_heads=2, vocab_size=65, block_size=16)
+    plain, tuned = Parametrization(base_width=64), Parametrization(base_width=64, **HPS)
+    torch.manual_seed(0)
+    a = GPT(shape, plain)
+    torch.manual_seed(0)
+    b = GPT(shape, tuned)
+    ga = {
+        n: g for g in build_optimizer("adamw", a, plain, 1e-2, 0.1).param_groups for n in g["names"]
+    }
+    gb = {
+        n: g for g in build_optimizer("adamw", b, tuned, 1e-2, 0.1).param_groups for n in g["names"]
+    }
+    factors = {"wte.weight": 2.0, "lm_head.weight": 0.5, "ln_f.weight": 4.0,
+               "blocks.0.ln_1.weight": 4.0, "blocks.0.mlp.c_fc.weight": 1.0}  # fmt: skip
+    for name, want in factors.items():
+        assert gb[name]["lr"] == pytest.approx(want * ga[name]["lr"]), name
+        assert gb[name]["weight_decay"] == ga[name]["weight_decay"], name  # lr·λ: torch's
+    assert ga["blocks.0.mlp.c_fc.weight"]["lr"] == pytest.approx(1e-2 / 4)  # η/m, unchanged
+    assert b.readout_multiplier == pytest.approx(3.0 / 4)  # 3 · 1/m
+    assert b.blocks[0].attn.scale == pytest.approx(1.5 * math.sqrt(32) / 128)
+    assert b.wte.weight.std().item() == pytest.approx(0.5 * 0.02, rel=0.05)
+    assert b.lm_head.weight.std().item() == pytest.approx(2.0 * 0.02, rel=0.05)
+    assert b.blocks[0].mlp.c_fc.weight.std().item() == pytest.approx(0.02 / 2, rel=0.05)  # σ/√m
+
+
+def test_transferable_hps_keep_mup_equal_to_sp_at_the_base():
+    sp = Parametrization(kind="sp", **HPS)
+    mup = Parametrization(kind="mup", base_width=64, base_depth=3, **HPS)
+    torch.manual_seed(0)
+    a = GPT(CFG, sp)
+    torch.manual_seed(0)
+    b = GPT(CFG, mup)
+    for (na, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(pa, pb), na
+    assert a.readout_multiplier == b.readout_multiplier == 3.0
+    x = torch.randint(0, 65, (2, 16))
+    assert torch.equal(a(x), b(x))
+    oa = build_optimizer("adamw", a, sp, lr=1e-2, weight_decay=0.1)
+    ob = build_optimizer("adamw", b, mup, lr=1e-2, weight_decay=0.1)
+    assert group_table(oa) == group_table(ob)
+    for name in ("lr_input", "readout_scale", "attention_mult"):
+        with pytest.raises(ConfigError, match=f"{name} must be a finite number > 0"):
+            Parametrization(**{name: 0.0})
+    with pytest.raises(ConfigError, match="init_output must be a finite number >= 0"):
+        Parametrization(init_output=-1.0)
+
+
 def test_build_optimizer_matches_hand_written_adamw():
     """Oracle: torch.optim.AdamW fed the per-tensor LRs of RULES.md by hand."""
     p = Parametrization(kind="mup", base_width=32, base_depth=1)

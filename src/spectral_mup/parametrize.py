@@ -6,6 +6,7 @@ This is the only place that multiplies a learning rate (rules.py says by how muc
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 import os
@@ -26,6 +27,7 @@ from .roles import (
     module_layout,
 )
 
+_POSITIVE = ("lr_input", "lr_output", "lr_vector", "readout_scale", "attention_mult")
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.RMSNorm)
 
 
@@ -53,6 +55,20 @@ class Parametrization:
             at every width in the AdamW sweep of docs/sweeps.md and trains every optimizer
             slower here; a trust-ratio optimizer such as LAMB cannot grow it at all).
         zero_init_query: zero-init the query projection.
+
+    Base-model hyperparameters beyond the LR, carried unchanged to every width and depth
+    (μP's promise: tune them on the proxy), all 1 by default and applied the same way under
+    SP (so μP still equals SP at the base width):
+
+        lr_input, lr_output, lr_vector: LR multipliers of the embedding, the readout and
+            every vector (norm gains, biases), on top of the optimizer's base LR and of the
+            width/depth rules (hidden matrices move at the base LR). Coupled weight decay
+            keeps torch's lr·λ per group, so it scales with them.
+        readout_scale: the readout multiplier's constant: logits = readout_scale · head(x)/m
+            under μP (readout_scale · head(x) under SP, and under readout="init").
+        init_input, init_output: the embedding's and the readout's init std as multiples of
+            ``init_std`` (which the hidden matrices use).
+        attention_mult: the attention logits' scale × this (an inverse temperature).
     """
 
     kind: Literal["sp", "mup"] = "mup"
@@ -66,6 +82,13 @@ class Parametrization:
     attention: Literal["mup", "inverse", "sp"] = "mup"
     zero_init_readout: bool = False
     zero_init_query: bool = False
+    lr_input: float = 1.0
+    lr_output: float = 1.0
+    lr_vector: float = 1.0
+    readout_scale: float = 1.0
+    init_input: float = 1.0
+    init_output: float = 1.0
+    attention_mult: float = 1.0
 
     def __post_init__(self) -> None:
         _one_of("kind", self.kind, ("sp", "mup"))
@@ -79,8 +102,22 @@ class Parametrization:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if float(self.depth_alpha) not in rules.DEPTH_ALPHAS:
             raise ConfigError(f"depth_alpha must be one of 0, 0.5, 1, got {self.depth_alpha!r}")
-        if not (self.init_std >= 0 and math.isfinite(self.init_std)):
-            raise ConfigError(f"init_std must be a finite number >= 0, got {self.init_std!r}")
+        for name in ("init_std", "init_input", "init_output"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not (math.isfinite(value) and value >= 0)
+            ):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name in _POSITIVE:
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not (math.isfinite(value) and value > 0)
+            ):
+                raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
 
     @property
     def is_mup(self) -> bool:
@@ -95,7 +132,24 @@ class Parametrization:
         return depth / self.base_depth if self.is_mup and self.depth_alpha > 0 else 1.0
 
     def readout_multiplier(self, width: int) -> float:
-        return rules.readout_multiplier(self.width_mult(width), self.readout)
+        return self.readout_for(self.width_mult(width))
+
+    def readout_for(self, m_in: float) -> float:
+        """The readout's forward multiplier for a head whose input is ``m_in`` × the base
+        width's (1 under SP): readout_scale × the rule's 1/m."""
+        c = rules.readout_multiplier(m_in, self.readout) if self.is_mup else 1.0
+        return self.readout_scale * c
+
+    def lr_multiplier(self, role: rules.Role) -> float:
+        """The base-model LR multiplier of a role (``lr_input``, ``lr_output``, ``lr_vector``;
+        1 for hidden matrices)."""
+        return {"input": self.lr_input, "output": self.lr_output, "vector": self.lr_vector}.get(
+            role, 1.0
+        )
+
+    def init_multiplier(self, role: rules.Role) -> float:
+        """The base-model init-std multiplier of a role (``init_input``, ``init_output``)."""
+        return {"input": self.init_input, "output": self.init_output}.get(role, 1.0)
 
     def branch_multiplier(self, depth: int) -> float:
         return rules.branch_multiplier(self.depth_mult(depth), self.depth_alpha)
@@ -106,17 +160,26 @@ class Parametrization:
         itself when heads are added at a fixed size (GPT-2, Llama), which leaves SP's
         1/sqrt(d_head) (RULES.md §3)."""
         if not self.is_mup:
-            return rules.attention_scale(d_head, d_head, "sp")
-        return rules.attention_scale(d_head, d_head_base, self.attention)
+            return self.attention_mult * rules.attention_scale(d_head, d_head, "sp")
+        return self.attention_mult * rules.attention_scale(d_head, d_head_base, self.attention)
 
     def scales(self, rule: rules.OptimizerRule | str, info: ParamRole) -> rules.Scales:
         """All multipliers of one parameter under this parametrization and optimizer rule."""
         rule = rules.rule_for(rule) if isinstance(rule, str) else rule
         family, eps = rule.family(info.role), rule.eps_rule(info.role)
         if not self.is_mup:
-            return rules.param_scales(
-                family, info.role, info.fan_in, info.fan_out, 1.0, 1.0, eps=eps
-            )
+            s = rules.param_scales(family, info.role, info.fan_in, info.fan_out, 1.0, 1.0, eps=eps)
+        else:
+            s = self._mup_scales(family, eps, info)
+        return dataclasses.replace(
+            s,
+            lr=s.lr * self.lr_multiplier(info.role),
+            init_std=s.init_std * self.init_multiplier(info.role),
+        )
+
+    def _mup_scales(
+        self, family: rules.UpdateFamily, eps: str | None, info: ParamRole
+    ) -> rules.Scales:
         return rules.param_scales(
             family,
             info.role,
@@ -203,7 +266,8 @@ def init_weights(
             param.zero_()
             continue
         m_in = info.m_in if p.is_mup else 1.0
-        std = p.init_std * rules.init_std_multiplier(info.role, m_in, p.readout)
+        std = p.init_std * p.init_multiplier(info.role)
+        std *= rules.init_std_multiplier(info.role, m_in, p.readout)
         param.normal_(0.0, std, generator=generator)
 
 
@@ -245,7 +309,7 @@ def parametrize(
         elif info.role == "output":
             readouts[name] = info.m_in
     for name, m in readouts.items():
-        c = rules.readout_multiplier(m, p.readout) if p.is_mup else 1.0
+        c = p.readout_for(m)
         if c == 1.0:
             continue
         mod_name, _, p_name = name.rpartition(".")
