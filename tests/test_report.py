@@ -113,6 +113,33 @@ def test_mup_optimum_stands_still_sp_drifts_one_step_per_doubling() -> None:
     assert not any(sp.at_edge.values()) and sp.min_seeds == 2
 
 
+def test_other_swept_hps_are_other_studies_paired_sp_with_mup() -> None:
+    """Runs that differ in a swept config key at the same width (``param.lr_input``) are
+    separate studies, labelled with it and paired SP↔μP by it; a key that only follows the
+    width (a derived hidden size) is not an HP."""
+    rows = []
+    for lr_input in (0.5, 2.0):
+        for r in sweep_rows(sweep="h"):
+            r["config"] = {"param": {"lr_input": lr_input}, "model": {"hidden": 4 * r["width"]},
+                           "train": {"out_dir": f"runs/{len(rows)}"}}  # fmt: skip
+            r["id"] += f"-{lr_input}"
+            rows.append(r)
+    studies = build_studies(rows)
+    assert sorted((s.key.param, s.key.hps) for s in studies) == [
+        (p, (("param.lr_input", v),)) for p in ("mup", "sp") for v in (0.5, 2.0)
+    ]
+    assert all(len(s.cells) == len(WIDTHS) * len(LOG2_LRS) for s in studies)
+    pairs = pair_studies(studies)
+    assert len(pairs) == 2 and all(p.sp.key.hps == p.mup.key.hps for p in pairs)
+    assert "lr_input=0.5" in pairs[0].mup.key.label()
+    report = build_report(rows, "store")
+    assert "| HPs |" in report.markdown and "lr_input=2" in report.markdown
+    assert [c["hps"] for c in report.comparison] == [
+        {"param.lr_input": 0.5},
+        {"param.lr_input": 2.0},
+    ]
+
+
 def test_wider_better_without_monotone() -> None:
     # at the transferred LR (2^-8): 2.0, 2.1, 1.9 → widest beats narrowest, not monotone
     rows = [

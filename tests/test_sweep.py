@@ -164,6 +164,24 @@ GOOD_GRID = "width = [16, 32]\nlr = [0.01]"
         (GOOD_GRID, '"optim.lr" = 0.1\n', "in both [grid] (lr) and [overrides]"),
         (GOOD_GRID, '"train.out_dir" = "x"\n', "set [sweep] out_dir"),
         (GOOD_GRID, '"model.vocab_size" = 70\n', "model.vocab_size is set from the data"),
+        ('"param.lr_inptu" = [1, 2]', "", "unknown config key 'param.lr_inptu'"),
+        ('"param.lr_input" = [0.0]', "", "lr_input must be a finite number > 0"),
+        ("lr_input = [1, 2]", "", "use a grid key"),
+        ('"train.progress" = [true]', "", "cannot be swept"),
+        ('lr = [0.01]\n"optim.lr" = [0.02]', "", "grid key lr is given twice"),
+        (
+            GOOD_GRID,
+            '[search]\ntrials = 2\n"optim.lr" = [0.1]\n',
+            "lr is in both [grid] and [search]",
+        ),
+        ("width = 16", '[search]\ntrials = 0\n"optim.lr" = [0.1]\n', "search.trials must be"),
+        ("width = 16", "[search]\ntrials = 2\n", "[search] samples nothing"),
+        (
+            "width = 16",
+            '[search]\ntrials = 2\n"optim.lr" = { log2_min = -2 }\n',
+            "search.lr must be",
+        ),
+        ("width = 16", '[search]\ntrials = 2\n"optim.lr" = { min = 2, max = 1 }\n', "min <= max"),
         ('arch = "mamba"', "", "model.arch must be one of gpt, llama, got 'mamba'"),
         (
             'arch = ["gpt", "llama"]',
@@ -233,6 +251,55 @@ def test_unreachable_ray_address_fails_fast(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot reach a Ray cluster at 127.0.0.1:1" in err
     assert time.monotonic() - start < 15 and not (tmp_path / "store.sqlite").exists()
+
+
+def test_any_config_key_is_a_grid_key(tmp_path, capsys):
+    """A quoted dotted key sweeps any config value (here a transferable HP) like a short key:
+    its values reach the runs' configs, change their ids and can be picked with --only."""
+    grid = 'width = 16\nlr = [0.004, 0.008]\n"param.lr_input" = [0.5, 2.0]\n'
+    grid += "[grid.param]\nreadout_scale = { log2_min = -1, log2_max = 1, step = 1 }"
+    spec = S.load_spec(write_spec(tmp_path, grid))
+    assert len(spec.runs) == 2 * 2 * 3 and len({r.id for r in spec.runs}) == 12
+    got = {(r.config.optim.lr, r.config.param.lr_input, r.config.param.readout_scale)
+           for r in spec.runs}  # fmt: skip
+    assert got == {(lr, a, c) for lr in (0.004, 0.008) for a in (0.5, 2.0) for c in (0.5, 1, 2)}
+    assert all(r.point["param.lr_input"] == r.config.param.lr_input for r in spec.runs)
+    picked = S.restrict(spec, ["param.lr_input=2"])
+    assert {r.config.param.lr_input for r in picked.runs} == {2.0} and len(picked.runs) == 6
+    assert main(["sweep", str(spec.path), "--dry-run"]) == 0
+    assert "param.lr_input=0.5 param.readout_scale=2" in capsys.readouterr().out
+
+
+def test_random_search_samples_seeded_trials(tmp_path):
+    """[search]: `trials` samples, reproducible from the spec alone (same spec, same ids on
+    any machine), each one shared by every grid point (here both seeds), within its bounds
+    and rounded to 4 significant digits; another sampler seed gives other trials."""
+    space = (
+        '"optim.lr" = { log2_min = -10, log2_max = -4 }\n'
+        '"param.readout_scale" = { min = 0.5, max = 2.0 }\n'
+        '"param.attention_mult" = [0.5, 2]\n'
+    )
+
+    def spec_with(seed):
+        root = tmp_path / str(seed)
+        path = write_spec(root, "width = 16\nseed = [0, 1]")
+        path.write_text(path.read_text() + f"[search]\ntrials = 6\nseed = {seed}\n{space}")
+        return S.load_spec(path)
+
+    spec = spec_with(0)
+    assert len(spec.runs) == 12
+    assert [r.id for r in spec.runs] == [r.id for r in spec_with(0).runs]
+    by_trial = {}
+    for r in spec.runs:
+        c = r.config
+        sample = (c.optim.lr, c.param.readout_scale, c.param.attention_mult)
+        assert by_trial.setdefault(r.point["trial"], sample) == sample  # same at both seeds
+        assert 2**-10 <= c.optim.lr <= 2**-4 and 0.5 <= c.param.readout_scale <= 2.0
+        assert c.param.attention_mult in (0.5, 2) and float(f"{c.optim.lr:.4g}") == c.optim.lr
+    assert sorted(by_trial) == list(range(6)) and len(set(by_trial.values())) == 6
+    other = {(r.config.optim.lr, r.config.param.readout_scale) for r in spec_with(1).runs}
+    assert other.isdisjoint({s[:2] for s in by_trial.values()})
+    assert len(S.restrict(spec, ["trial=3"]).runs) == 2
 
 
 # ----------------------------------------------------------------------------- results

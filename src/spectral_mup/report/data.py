@@ -3,9 +3,10 @@ of cells (seed statistics at one LR and size); the rules are in the package docs
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,7 @@ class StudyKey:
     axis: str  # width | depth
     fixed: int  # the depth of a width study, the width of a depth study
     arch: str = "gpt"  # the bundled model (config model.arch): never mixed in one study
+    hps: tuple[tuple[str, Any], ...] = ()  # other swept config keys (hp_keys) and values
 
     @property
     def other(self) -> str:
@@ -49,8 +51,9 @@ class StudyKey:
         name = f" {PARAM_LABEL.get(self.param, self.param)}" if param else ""
         alpha = "" if self.depth_alpha is None else f", α={self.depth_alpha:g}"
         arch = "" if self.arch == "gpt" else f"{self.arch} "
+        hps = f", {hp_text(self.hps, ', ')}" if self.hps else ""
         return (
-            f"{self.sweep}: {arch}{self.optimizer}{name}{alpha}, wd={self.weight_decay:g}, "
+            f"{self.sweep}: {arch}{self.optimizer}{name}{alpha}, wd={self.weight_decay:g}{hps}, "
             f"{self.axis} sweep at {self.other} {self.fixed}"
         )
 
@@ -130,6 +133,17 @@ class Study:
         return float(np.min(np.diff(logs))) if len(logs) > 1 else None
 
 
+def hp_text(hps: Iterable[tuple[str, Any]], sep: str = " ", short: bool = True) -> str:
+    """``lr_input=0.5 readout_scale=2``: swept config keys and values (``short``: without
+    the section)."""
+
+    def one(k: str, v: Any) -> str:
+        name = k.split(".", 1)[-1] if short else k
+        return f"{name}={v:g}" if isinstance(v, float) else f"{name}={v}"
+
+    return sep.join(one(k, v) for k, v in hps)
+
+
 def _alpha(value: Any) -> float | None:
     return None if value is None else float(value)
 
@@ -141,11 +155,43 @@ def _arch(row: dict[str, Any]) -> str:
     return str(model.get("arch", "gpt"))
 
 
+def _flat(config: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(config, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def hp_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The config keys besides the LR and the seed that a group of runs sweeps: those whose
+    value differs between two runs of the same width and depth (a key that follows the
+    width, such as a derived hidden size, is not one; runtime keys never are)."""
+    from ..train import RUNTIME_KEYS
+
+    fixed = {"optim.lr", "train.seed", *(f"train.{k}" for k in RUNTIME_KEYS)}
+    seen: dict[tuple[int, int], dict[str, str]] = {}
+    swept: set[str] = set()
+    for row in rows:
+        flat = _flat(row.get("config"))
+        first = seen.setdefault((int(row["width"]), int(row["depth"])), {})
+        for k, v in flat.items():
+            text = json.dumps(v, sort_keys=True)
+            if k not in fixed and first.setdefault(k, text) != text:
+                swept.add(k)
+    return sorted(swept)
+
+
 def build_studies(rows: Iterable[dict[str, Any]]) -> list[Study]:
     """Group store rows into studies (module docstring). When a group varies in width and
     in depth, it gives one width study per depth with several widths and one depth study
-    per width with several depths; a point in neither is a one-column width study."""
-    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
+    per width with several depths; a point in neither is a one-column width study. Runs that
+    differ in another swept config key (``hp_keys``: ``param.lr_input``, …) are other studies."""
+    base: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         key = (
             str(row["sweep"]),
@@ -155,9 +201,19 @@ def build_studies(rows: Iterable[dict[str, Any]]) -> list[Study]:
             float(row["weight_decay"]),
             _arch(row),
         )
-        groups[key].append(row)
+        base[key].append(row)
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
+    for key, group in base.items():
+        names = hp_keys(group)
+        for row in group:
+            flat = _flat(row.get("config"))
+            groups[(*key, tuple((k, flat.get(k)) for k in names))].append(row)
     studies = []
-    for key in sorted(groups, key=lambda k: tuple((v is None, v) for v in k)):
+
+    def order(k: tuple) -> tuple:
+        return (*((v is None, v) for v in k[:-1]), json.dumps(k[-1], default=str))
+
+    for key in sorted(groups, key=order):
         group = groups[key]
         points = {(int(r["width"]), int(r["depth"])) for r in group}
         by_depth, by_width = defaultdict(set), defaultdict(set)
@@ -181,8 +237,9 @@ def build_studies(rows: Iterable[dict[str, Any]]) -> list[Study]:
                     covered |= {(w, d) for d in ds}
             plans += sorted({("width", d) for w, d in points - covered})
         for axis, fixed in plans:
-            *fields_, arch = key
-            studies.append(_study(StudyKey(*fields_, axis=axis, fixed=fixed, arch=arch), group))
+            *fields_, arch, hps = key
+            study_key = StudyKey(*fields_, axis=axis, fixed=fixed, arch=arch, hps=hps)
+            studies.append(_study(study_key, group))
     return studies
 
 

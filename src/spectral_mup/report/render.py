@@ -9,7 +9,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from .data import PARAM_LABEL, Study
+from .data import PARAM_LABEL, Study, hp_text
 from .stats import Pair, Transfer, comparison, transfer_summary
 
 CSV_COLUMNS = (
@@ -116,13 +116,17 @@ def comparison_table(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
     """Header and rows of the SP-vs-μP comparison, as strings."""
     sweeps = len({r["sweep"] for r in rows}) > 1
     archs = len({r["arch"] for r in rows}) > 1
-    head = ["optimizer", "axis", "α", "wd", "drift SP", "drift μP"]
+    hps = any(r.get("hps") for r in rows)
+    head = ["optimizer", "axis", "α", "wd"] + (["HPs"] if hps else []) + ["drift SP", "drift μP"]
     head += ["fit drift SP", "fit drift μP", "wider better SP", "wider better μP"]
     out = [(["sweep"] if sweeps else []) + (["model"] if archs else []) + head]
     for r in rows:
         line = ([r["sweep"]] if sweeps else []) + ([r["arch"]] if archs else [])
         line += [r["optimizer"], f"{r['axis']} ({r['fixed']})", _fmt(r["depth_alpha"], "g")]
-        line += [_fmt(r["weight_decay"], "g"), _fmt(r["drift_sp"]), _fmt(r["drift_mup"])]
+        line += [_fmt(r["weight_decay"], "g")]
+        if hps:
+            line.append(hp_text(r["hps"].items()))
+        line += [_fmt(r["drift_sp"]), _fmt(r["drift_mup"])]
         line += [_fmt(r["fit_drift_sp"], ".2f"), _fmt(r["fit_drift_mup"], ".2f")]
         line += [_yes(r["wider_better_sp"]), _yes(r["wider_better_mup"])]
         out.append(line)

@@ -54,6 +54,7 @@ class Transfer:
             "param": self.key.param,
             "depth_alpha": self.key.depth_alpha,
             "weight_decay": self.key.weight_decay,
+            "hps": dict(self.key.hps),
             "axis": self.key.axis,
             "fixed": {self.key.other: self.key.fixed},
             "sizes": self.sizes,
@@ -168,11 +169,12 @@ class Pair:
 
 def pair_studies(studies: Sequence[Study]) -> list[Pair]:
     """Match each μP study with the SP study of the same sweep, optimizer, weight decay,
-    axis and fixed size: the one with the same α, else the only one (SP ignores α)."""
+    other swept HPs, axis and fixed size: the one with the same α, else the only one (SP
+    ignores α)."""
     by: dict[tuple[Any, ...], dict[str, list[Study]]] = defaultdict(lambda: defaultdict(list))
     for s in studies:
         k = s.key
-        by[k.sweep, k.arch, k.optimizer, k.weight_decay, k.axis, k.fixed][k.param].append(s)
+        by[k.sweep, k.arch, k.optimizer, k.weight_decay, k.hps, k.axis, k.fixed][k.param].append(s)
     pairs = []
     for group in by.values():
         sps, used = group.get("sp", []), set()
@@ -200,6 +202,7 @@ def comparison(pairs: Sequence[Pair]) -> list[dict[str, Any]]:
             "fixed": f"{k.other} {k.fixed}",
             "depth_alpha": k.depth_alpha,
             "weight_decay": k.weight_decay,
+            "hps": dict(k.hps),
         }
         for name, study in (("sp", pair.sp), ("mup", pair.mup)):
             t = transfer_summary(study) if study else None

@@ -1,6 +1,6 @@
 """``smup sweep SPEC.toml``: a grid of training runs into a SQLite run store.
 
-A sweep spec is a TOML file with four tables::
+A sweep spec is a TOML file with five tables::
 
     [sweep]
     name = "demo"                      # default: the spec file's stem
@@ -25,6 +25,15 @@ A sweep spec is a TOML file with four tables::
     lr = { log2_min = -12, log2_max = -4, step = 1 }   # optim.lr: 2^-12 … 2^-4, or a list
     weight_decay = [0.0]               # optim.weight_decay (a list or a log2 table)
     seed = [0, 1]                      # train.seed
+    "param.lr_input" = [0.5, 1, 2]     # any other config key, dotted and quoted (a list,
+                                       # or a log2 table for a number)
+
+    [search]                           # optional: random search, on top of the grid
+    trials = 16                        # samples, each run at every grid point
+    seed = 0                           # of the sampler (same spec, same trials everywhere)
+    "optim.lr" = { log2_min = -10, log2_max = -4 }      # log-uniform
+    "param.readout_scale" = { min = 0.5, max = 2.0 }    # uniform
+    "param.attention_mult" = [0.5, 1, 2]                # one of the values
 
     [budget]                           # per run
     steps = 300                        # train.max_iters
@@ -34,7 +43,9 @@ A sweep spec is a TOML file with four tables::
     [overrides]                        # any RunConfig key, dotted
     "train.eval_interval" = 50
 
-A grid key left out takes the base config's value. μP runs scale from the base config's
+A grid key left out takes the base config's value. A search trial's sampled values are
+rounded to 4 significant digits and stored in the run's config; its index is the run's
+``trial`` (``--only trial=3``). μP runs scale from the base config's
 ``param.base_width`` and ``param.base_depth`` (the proxy: tune there, transfer to the
 grid's widths and depths), which stay fixed across the grid, as in the seed paper.
 

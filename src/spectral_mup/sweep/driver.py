@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, SmupError
+from ..report.data import hp_text
 from ..store import RESULTS, RunStore
 from ..train import CHECKPOINT, WEIGHTS
 from .executors import _check_reachable, available_cores, import_ray, run_local, run_ray
@@ -172,7 +173,9 @@ def describe(run: Run) -> str:
         f"{run.id}  {arch}{c.optim.name} {c.param.kind}{alpha} width={c.model.width} "
         f"depth={c.model.depth} lr={c.optim.lr:.4g} wd={c.optim.weight_decay:g} "
         f"seed={c.train.seed} iters={c.train.max_iters}"
-    )
+        + "".join(f" {hp_text([(k, v)], short=False)}" for k, v in run.point.items()
+                  if "." in k or k == "trial")
+    )  # fmt: skip
 
 
 def _state(status: str | None) -> str:

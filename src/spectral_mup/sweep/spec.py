@@ -11,7 +11,8 @@ import hashlib
 import itertools
 import json
 import math
-from collections.abc import Iterable
+import random
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,10 @@ GRID_KEYS: dict[str, tuple[str, str]] = {
     "lr": ("optim", "lr"),
     "seed": ("train", "seed"),
 }
-_LOG2_KEYS = ("lr", "weight_decay")  # grid keys that take { log2_min, log2_max, step }
-_TABLES = ("sweep", "grid", "budget", "overrides")
+_LOG2_KEYS = ("lr", "weight_decay")  # short grid keys that take { log2_min, log2_max, step }
+_LOG2_FIELDS = ("log2_min", "log2_max", "step")
+_TABLES = ("sweep", "grid", "search", "budget", "overrides")
+_SEARCH_KEYS = ("trials", "seed")  # the rest of [search] are the sampled config keys
 _SWEEP_KEYS = (
     "name",
     "base",
@@ -147,8 +150,10 @@ def load_spec(path: str | Path) -> SweepSpec:
     except ConfigError as exc:
         raise ConfigError(f"{path}: sweep.base: {exc}") from None
     values = base_cfg.to_dict()
-    grid = _grid(raw.get("grid", {}), path)
-    given = {GRID_KEYS[k] for k in grid}
+    grid = _grid(raw.get("grid", {}), path, search="search" in raw)
+    trials = _search(raw.get("search"), set(map(config_key, grid)), path)
+    given = {config_key(k): f"[grid] ({k})" for k in grid}
+    given |= {config_key(k): f"[search] ({k})" for k in trials[0]}
     overridden = _apply_overrides(values, raw.get("overrides", {}), given, path)
     budget = raw.get("budget", {})
     _only(budget, _BUDGET_KEYS, f"{path}: unknown key in [budget]", "keys")
@@ -156,12 +161,15 @@ def load_spec(path: str | Path) -> SweepSpec:
 
     runs: dict[str, Run] = {}
     names = list(grid)
-    for combo in itertools.product(*(grid[k] for k in names)):
-        point = dict(zip(names, combo, strict=True))
+    combos = itertools.product(*(grid[k] for k in names))
+    for combo, (trial, sample) in itertools.product(combos, enumerate(trials)):
+        point = dict(zip(names, combo, strict=True)) | sample
         run_values = {s: dict(items) for s, items in values.items()}
         for key, value in point.items():
-            section, option = GRID_KEYS[key]
+            section, option = config_key(key)
             run_values[section][option] = value
+        if sample:
+            point["trial"] = trial
         if run_values["param"]["kind"] == "sp":
             run_values["param"]["depth_alpha"] = 0.0  # α is a μP rule; SP runs are not repeated
             point.pop("depth_alpha", None)
@@ -204,9 +212,10 @@ def restrict(spec: SweepSpec, only: Iterable[str]) -> SweepSpec:
     runs = spec.runs
     for item in only:
         key, sep, text = item.partition("=")
-        if not sep or key not in GRID_KEYS:
+        if not sep or not (key in GRID_KEYS or key == "trial" or "." in key):
             raise ConfigError(
-                f"--only needs KEY=VALUE with KEY a grid key ({', '.join(GRID_KEYS)}); got {item!r}"
+                f"--only needs KEY=VALUE with KEY a grid key ({', '.join(GRID_KEYS)}), a swept "
+                f"dotted config key or trial; got {item!r}"
             )
         runs = [r for r in runs if key in r.point and _same(r.point[key], text)]
         if not runs:
@@ -243,20 +252,64 @@ def _count(table: dict[str, Any], key: str, path: Path) -> int:
     return value
 
 
-def _grid(table: dict[str, Any], path: Path) -> dict[str, list[Any]]:
-    _only(table, GRID_KEYS, f"{path}: unknown key in [grid]", "keys")
-    if not table:
+def config_key(key: str) -> tuple[str, str]:
+    """The RunConfig (section, key) a grid or search key sets: a short grid key
+    (:data:`GRID_KEYS`) or any dotted config key (``"param.lr_input"``)."""
+    return GRID_KEYS[key] if key in GRID_KEYS else _resolve_key(key)
+
+
+def _sweepable(key: str, path: Path, table: str) -> str:
+    """``key`` as the grid names it: its short name when it has one, else section.key."""
+    if key in GRID_KEYS:
+        return key
+    if "." not in key:
+        raise ConfigError(
+            f"{path}: unknown key in [{table}] {key!r}; use a grid key "
+            f'({", ".join(GRID_KEYS)}) or a quoted dotted config key, e.g. "param.lr_input"'
+        )
+    try:
+        section, name = _resolve_key(key)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: [{table}] {exc}") from None
+    short = {v: k for k, v in GRID_KEYS.items()}.get((section, name))
+    if short is not None:
+        return short
+    if (section, name) in _SET_BY_SWEEP or (section, name) in RUNTIME_KEYS:
+        raise ConfigError(
+            f"{path}: [{table}] {section}.{name} does not change what a run computes; "
+            "it cannot be swept"
+        )
+    return f"{section}.{name}"
+
+
+def _dotted(table: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
+    """Keys of a grid or search table, nested tables flattened to dotted keys (a log2 range
+    table is a value)."""
+    for key, value in table.items():
+        if isinstance(value, dict) and not set(value) <= {*_LOG2_FIELDS, "min", "max"}:
+            yield from _dotted(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _grid(table: dict[str, Any], path: Path, *, search: bool = False) -> dict[str, list[Any]]:
+    if not table and not search:
         raise ConfigError(
             f"{path}: the [grid] table is empty; give at least one of {', '.join(GRID_KEYS)} "
-            "(one run is `smup train`)"
+            "or a dotted config key (one run is `smup train`)"
         )
+    given: dict[str, Any] = {}
+    for key, value in _dotted(table):
+        name = _sweepable(key, path, "grid")
+        if name in given:
+            raise ConfigError(f"{path}: grid key {name} is given twice ({key!r}); keep one")
+        given[name] = value
+    order = [k for k in GRID_KEYS if k in given] + [k for k in given if k not in GRID_KEYS]
     grid: dict[str, list[Any]] = {}
-    for key in GRID_KEYS:  # a fixed expansion order, whatever the order in the file
-        if key not in table:
-            continue
-        value = table[key]
+    for key in order:  # a fixed expansion order for the short keys, then the file's
+        value = given[key]
         if isinstance(value, dict):
-            if key not in _LOG2_KEYS:
+            if key in GRID_KEYS and key not in _LOG2_KEYS:
                 raise ConfigError(f"{path}: grid.{key} must be a value or a list of values")
             values = _log2_range(key, value, path)
         elif isinstance(value, list):
@@ -276,6 +329,55 @@ def _grid(table: dict[str, Any], path: Path) -> dict[str, list[Any]]:
                 raise ConfigError(f"{path}: grid.param values are sp or mup, got {bad[0]!r}")
         grid[key] = list(dict.fromkeys(values))  # drop repeats, keep order
     return grid
+
+
+def _search(
+    table: dict[str, Any] | None, in_grid: set[tuple[str, str]], path: Path
+) -> list[dict[str, Any]]:
+    """The [search] table's trials: ``trials`` samples (seeded by ``seed``, default 0) of
+    every other key — ``{ log2_min, log2_max }`` log-uniform, ``{ min, max }`` uniform, a
+    list: one of its values — rounded to 4 significant digits. No table: one empty trial."""
+    if table is None:
+        return [{}]
+    trials, seed = table.get("trials"), table.get("seed", 0)
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ConfigError(f"{path}: search.trials must be an integer >= 1, got {trials!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"{path}: search.seed must be an integer, got {seed!r}")
+    space: dict[str, Any] = {}
+    for key, value in _dotted({k: v for k, v in table.items() if k not in _SEARCH_KEYS}):
+        name = _sweepable(key, path, "search")
+        if config_key(name) in in_grid:
+            raise ConfigError(f"{path}: {name} is in both [grid] and [search]; keep one")
+        space[name] = _distribution(name, value, path)
+    if not space:
+        raise ConfigError(
+            f"{path}: [search] samples nothing; add a key, e.g. "
+            '"param.lr_input" = { log2_min = -2, log2_max = 2 }'
+        )
+    rng = random.Random(seed)
+    return [{k: space[k](rng) for k in sorted(space)} for _ in range(trials)]
+
+
+def _distribution(key: str, value: Any, path: Path) -> Callable[[random.Random], Any]:
+    def rounded(x: float) -> float:
+        return float(f"{x:.4g}")
+
+    if isinstance(value, list) and value and not any(isinstance(v, list | dict) for v in value):
+        return lambda rng: rng.choice(value)
+    if isinstance(value, dict) and set(value) in ({"log2_min", "log2_max"}, {"min", "max"}):
+        lo, hi = value.get("log2_min", value.get("min")), value.get("log2_max", value.get("max"))
+        if any(isinstance(v, bool) or not isinstance(v, int | float) for v in (lo, hi)):
+            raise ConfigError(f"{path}: search.{key} bounds must be numbers")
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
+            raise ConfigError(f"{path}: search.{key} needs finite bounds with min <= max")
+        if "log2_min" in value:
+            return lambda rng: rounded(2.0 ** rng.uniform(lo, hi))
+        return lambda rng: rounded(rng.uniform(lo, hi))
+    raise ConfigError(
+        f"{path}: search.{key} must be a non-empty list of values, "
+        "{ log2_min = A, log2_max = B } (log-uniform) or { min = A, max = B } (uniform)"
+    )
 
 
 def _log2_range(key: str, table: dict[str, Any], path: Path) -> list[float]:
@@ -310,11 +412,10 @@ def _flatten(table: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any
 def _apply_overrides(
     values: dict[str, dict[str, Any]],
     table: dict[str, Any],
-    grid_keys: set[tuple[str, str]],
+    grid_keys: dict[tuple[str, str], str],
     path: Path,
 ) -> set[tuple[str, str]]:
     """Set the [overrides] keys in ``values``; return them as (section, key)."""
-    by_config = {v: k for k, v in GRID_KEYS.items()}
     done = set()
     for key, value in _flatten(table):
         try:
@@ -328,7 +429,7 @@ def _apply_overrides(
             )
         if (section, name) in grid_keys:
             raise ConfigError(
-                f"{path}: {section}.{name} is in both [grid] ({by_config[section, name]}) "
+                f"{path}: {section}.{name} is in both {grid_keys[section, name]} "
                 "and [overrides]; keep one"
             )
         values[section][name] = value
