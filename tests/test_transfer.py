@@ -106,3 +106,65 @@ def test_joint_width_and_depth_transfer_keeps_each_model_apart(tmp_path, capsys)
         assert (target["width"], target["depth"], target["lr"]) == (32, 2, arm["lr"])
         assert arm["target_loss"] == pytest.approx(target["best_val_loss"])
     assert "| model |" in out and "| llama |" in out
+
+
+def test_tuned_transfer_picks_the_best_candidate_and_counts_compute(tmp_path, capsys):
+    """--tune: the μP winner is the proxy candidate (LR × a searched HP) with the lowest
+    seed-mean, trained at the target; SP is tuned at the target over the same candidates;
+    each side's tuning FLOPs are Σ tokens × (6N + 12·L·T·d) of its tuning runs."""
+    from spectral_mup import Parametrization
+    from spectral_mup.models import GPT, GPTConfig
+
+    grid = 'optimizer = "adamw"\nparam = ["sp", "mup"]\nwidth = 16\ndepth = 1\n'
+    grid += 'lr = [0.003, 0.03]\nseed = [0, 1]\n"param.lr_input" = [0.25, 4.0]'
+    spec = write_spec(tmp_path, grid, budget="steps = 12", sweep="workers = 1")
+    argv = ["transfer", str(spec), "--target-width", "32", "--tune", "--sp"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    with RunStore(tmp_path / "store.sqlite", create=False) as store:
+        rows = store.rows()
+    info = json.loads((tmp_path / "tuned_transfer_32x1.json").read_text())
+    mup, sp = info["sides"]
+    assert (mup["param"], sp["param"]) == ("mup", "sp")
+    assert mup["trials"] == sp["trials"] == 4 and mup["tuned_at"] == [16, 1]
+    assert sp["tuned_at"] == [32, 1]
+
+    def means(sweep, param, width):
+        cells = {}
+        for r in rows:
+            if (r["sweep"], r["param"], r["width"]) == (sweep, param, width):
+                key = (r["lr"], r["config"]["param"]["lr_input"])
+                cells.setdefault(key, []).append(r["best_val_loss"])
+        return {k: statistics.fmean(v) for k, v in cells.items()}
+
+    proxy = means("t", "mup", 16)
+    best = min(proxy, key=proxy.get)
+    assert (mup["hps"]["optim.lr"], mup["hps"]["param.lr_input"]) == best
+    assert set(mup["hps"]) == {"optim.lr", "param.lr_input"}
+    assert mup["tuned_loss"] == pytest.approx(proxy[best])
+    at_target = means("t-sp-at-target", "sp", 32)
+    sp_best = min(at_target, key=at_target.get)
+    assert (sp["hps"]["optim.lr"], sp["hps"]["param.lr_input"]) == sp_best
+    assert sp["target_loss"] == pytest.approx(at_target[sp_best])
+    targets = [r for r in rows if r["sweep"] == "t-transfer"]
+    assert len(targets) == 2 and {r["config"]["param"]["lr_input"] for r in targets} == {best[1]}
+    assert mup["target_loss"] == pytest.approx(
+        statistics.fmean(r["best_val_loss"] for r in targets)
+    )
+
+    # the FLOPs formula, counted here by hand on the model itself
+    model = GPT(GPTConfig(width=16, depth=1, n_heads=2, vocab_size=65, block_size=16),
+                Parametrization(kind="sp"))  # fmt: skip
+    n = sum(
+        q.numel()
+        for name, q in model.named_parameters()
+        if name not in ("wte.weight", "wpe.weight")
+    )
+    per_token = 6 * n + 12 * 1 * 16 * 16
+    tokens = sum(r["tokens"] for r in rows if r["sweep"] == "t" and r["param"] == "mup")
+    assert mup["tuning_flops"] == pytest.approx(tokens * per_token)
+    assert mup["tuning_seconds"] == pytest.approx(
+        sum(r["wall_time"] for r in rows if r["sweep"] == "t" and r["param"] == "mup")
+    )
+    assert sp["final_flops"] == 0 and mup["final_flops"] > 0
+    assert "tuning PFLOP" in out and "lr_input=" in out

@@ -160,7 +160,17 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--target-depth", type=int, default=None, help="default: the proxy's")
     tr.add_argument("--proxy-width", type=int, default=None, help="when the spec has several")
     tr.add_argument("--proxy-depth", type=int, default=None, help="when the spec has several")
-    tr.add_argument("--sp", action="store_true", help="also train SP at SP's proxy optimum")
+    tr.add_argument(
+        "--sp",
+        action="store_true",
+        help="also SP: at SP's proxy optimum, or with --tune tuned at the target itself",
+    )
+    tr.add_argument(
+        "--tune",
+        action="store_true",
+        help="tune every swept HP (grid and [search]: LR, per-role LR/init multipliers, …) on "
+        "the proxy, not only the LR; report each side's tuning FLOPs and wall time",
+    )
     tr.add_argument("--executor", choices=("local", "ray"), default=None, help="default: local")
     tr.add_argument("--workers", type=int, default=None, help="runs at once (0 = auto)")
     tr.add_argument("--address", default=None, help="Ray cluster address (with --executor ray)")
@@ -439,9 +449,9 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _transfer(args: argparse.Namespace) -> int:
-    from .transfer import run_transfer
+    from .transfer import run_transfer, run_tuned_transfer
 
-    result = run_transfer(
+    result = (run_tuned_transfer if args.tune else run_transfer)(
         args.spec,
         args.target_width,
         args.target_depth,

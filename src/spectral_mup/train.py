@@ -65,6 +65,23 @@ def build_model(cfg: RunConfig, vocab_size: int) -> torch.nn.Module:
     return build_bundled(model_config(cfg.model, vocab_size), cfg.param)
 
 
+def flops_per_token(cfg: RunConfig, vocab_size: int) -> float:
+    """Training FLOPs per token of the run's model (forward + backward, no evaluation):
+    6·N for the N weights that multiply activations (every parameter but the embedding
+    tables, which are lookups, unless tied to the head) plus 12·depth·block_size·width for
+    the attention scores and their weighted sum (nanoGPT's estimate)."""
+    with torch.device("meta"):
+        model = build_model(cfg, vocab_size)
+    roles = model.smup_roles
+    n = sum(
+        q.numel()
+        for name, q in model.named_parameters()
+        if roles[name].role != "input" or roles[name].tied_readout is not None  # a tied head
+    )
+    m = cfg.model
+    return 6.0 * n + 12.0 * m.depth * m.block_size * m.width
+
+
 def run_optimizer_options(cfg: RunConfig) -> dict[str, Any]:
     """The [optim] keys the run's optimizer has (its ε under its own name), set in ``cfg``."""
     o = cfg.optim

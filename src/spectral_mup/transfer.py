@@ -25,6 +25,7 @@ from typing import Any
 from .errors import ConfigError
 from .fileio import write_json
 from .report import build_studies
+from .report.data import flat_config, hp_text
 from .store import RunStore
 from .sweep import Run, SweepSpec, load_spec, run_id, run_sweep
 
@@ -219,3 +220,211 @@ def comparison_lines(arms: list[Arm], proxy: tuple[int, int], target: tuple[int,
             f"| {target_text:>14} |"
         )
     return lines
+
+
+# ------------------------------------------------------------------ tuning every swept HP
+
+
+@dataclass(frozen=True)
+class Tuned:
+    """One side of a tuned transfer: its best configuration, where it was tuned, its losses
+    and what the tuning cost."""
+
+    optimizer: str
+    param: str
+    depth_alpha: float
+    tuned_at: tuple[int, int]  # (width, depth) of the tuning runs
+    trials: int  # distinct configurations tried (each over the spec's seeds)
+    hps: dict[str, Any]  # the winner's values of every key the candidates differ in
+    tuned_loss: float  # the winner's seed-mean best val loss where it was tuned
+    target_losses: list[float | None]  # per seed at the target (None: diverged or failed)
+    tuning_flops: float  # training FLOPs of every tuning run
+    tuning_seconds: float  # their summed wall time
+    final_flops: float  # the target runs trained after tuning (μP); 0 when tuned there (SP)
+    final_seconds: float
+    arch: str = "gpt"
+
+    @property
+    def target_loss(self) -> float:
+        if not self.target_losses or any(v is None for v in self.target_losses):
+            return math.inf
+        return statistics.fmean(v for v in self.target_losses if v is not None)
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["target_loss"] = self.target_loss if math.isfinite(self.target_loss) else None
+        return out
+
+
+@dataclass(frozen=True)
+class TunedResult:
+    sides: list[Tuned]
+    proxy: tuple[int, int]
+    target: tuple[int, int]
+    path: Path
+
+    def lines(self) -> list[str]:
+        head = (
+            f"proxy width {self.proxy[0]} depth {self.proxy[1]} → target width "
+            f"{self.target[0]} depth {self.target[1]}; tuning compute = training FLOPs "
+            "(6N + 12·L·T·d per token) and summed wall time of the tuning runs"
+        )
+        lines = [head, "| model | optimizer | param | tuned at | trials | best HPs | tuned val "
+                 "| target val | tuning PFLOP | tuning s | final PFLOP |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for t in self.sides:
+            finite = [v for v in t.target_losses if v is not None]
+            spread = statistics.stdev(finite) if len(finite) > 1 else math.nan
+            target = (f"{t.target_loss:.4f}" + (f" ± {spread:.3f}" if math.isfinite(spread) else "")
+                      if math.isfinite(t.target_loss) else "div/fail")  # fmt: skip
+            hps = hp_text(t.hps.items())
+            lines.append(
+                f"| {t.arch} | {t.optimizer} | {'μP' if t.param == 'mup' else 'SP'} "
+                f"| {t.tuned_at[0]}×{t.tuned_at[1]} | {t.trials} | {hps} | {t.tuned_loss:.4f} "
+                f"| {target} | {t.tuning_flops / 1e15:.3f} | {t.tuning_seconds:.0f} "
+                f"| {t.final_flops / 1e15:.3f} |"
+            )
+        return lines
+
+
+def _candidate(run: Run) -> str:
+    """Runs that differ only in their seed are one candidate configuration."""
+    cfg = run.config
+    return run_id(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=0)))
+
+
+def _side(run: Run) -> tuple[str, str, str, float]:
+    c = run.config
+    alpha = float(c.param.depth_alpha) if c.param.kind == "mup" else 0.0
+    return c.model.arch, c.optim.name, c.param.kind, alpha
+
+
+def _best(runs: list[Run], rows: dict[str, dict[str, Any]]) -> tuple[str, float, int]:
+    """(candidate, seed-mean best val loss, number of candidates) of the lowest seed-mean;
+    a candidate with a diverged, failed or missing seed is never best."""
+    by: dict[str, list[float]] = {}
+    for r in runs:
+        row = rows.get(r.id)
+        ok = row is not None and row["status"] == "ok" and row["best_val_loss"] is not None
+        by.setdefault(_candidate(r), []).append(float(row["best_val_loss"]) if ok else math.inf)
+    means = {c: statistics.fmean(v) if all(map(math.isfinite, v)) else math.inf
+             for c, v in by.items()}  # fmt: skip
+    best = min(means, key=lambda c: (means[c], c))
+    return best, means[best], len(means)
+
+
+def _swept(runs: list[Run]) -> list[str]:
+    """The config keys in which the candidates differ (the seed and the run dir aside)."""
+    values: dict[str, set[str]] = {}
+    for r in runs:
+        cfg = r.config
+        train = dataclasses.replace(cfg.train, seed=0, out_dir="")
+        for k, v in flat_config(dataclasses.replace(cfg, train=train).to_dict()).items():
+            values.setdefault(k, set()).add(repr(v))
+    return sorted(k for k, vs in values.items() if len(vs) > 1)
+
+
+def run_tuned_transfer(
+    spec_path: str | Path,
+    target_width: int,
+    target_depth: int | None = None,
+    *,
+    proxy_width: int | None = None,
+    proxy_depth: int | None = None,
+    sp: bool = False,
+    executor: str | None = None,
+    workers: int | None = None,
+    address: str | None = None,
+    progress: bool = True,
+) -> TunedResult:
+    """Tune every swept HP (the spec's grid and [search] trials: LR, per-role multipliers,
+    init, …) on the proxy under μP and train the target with the winner; with ``sp``, tune
+    SP *at the target* over the same candidates (the spec's SP runs, resized). Each side
+    reports its tuning compute (training FLOPs and wall time of its tuning runs)."""
+    from .data import load_dataset
+    from .train import flops_per_token
+
+    spec = load_spec(spec_path)
+    proxies = _proxy_runs(spec, proxy_width, proxy_depth)
+    p_width, p_depth = proxies[0].config.model.width, proxies[0].config.model.depth
+    target_depth = p_depth if target_depth is None else target_depth
+    if target_width <= 0 or target_depth <= 0:
+        raise ConfigError("--target-width and --target-depth must be positive integers")
+    mup = [r for r in proxies if r.config.param.kind == "mup"]
+    if not mup:
+        raise ConfigError(f"{spec.path} has no μP runs (grid param); add param = ['mup']")
+    sp_targets = [_target_run(spec, r, target_width, target_depth)
+                  for r in proxies if r.config.param.kind == "sp"]  # fmt: skip
+    if sp and not sp_targets:
+        raise ConfigError(f"--sp needs SP runs in {spec.path}; add 'sp' to the grid's param")
+    for r in mup:  # validate every target config before training anything
+        _target_run(spec, r, target_width, target_depth)
+
+    def sweep(runs: list[Run], name: str) -> dict[str, dict[str, Any]]:
+        run_sweep(dataclasses.replace(spec, name=name, runs=runs), executor=executor,
+                  workers=workers, address=address, progress=progress)  # fmt: skip
+        with RunStore(spec.store, create=False) as store:
+            ids = {r.id for r in runs}
+            return {row["id"]: row for row in store.rows() if row["id"] in ids}
+
+    vocab: dict[tuple, int] = {}
+
+    def cost(runs: list[Run], rows: dict[str, dict[str, Any]]) -> tuple[float, float]:
+        flops = seconds = 0.0
+        for r in runs:
+            row = rows.get(r.id) or {}
+            data = (r.config.data.path, r.config.data.vocab_size)
+            if data not in vocab:
+                vocab[data] = load_dataset(data[0] or None, vocab_size=data[1] or None).vocab_size
+            flops += (row.get("tokens") or 0) * flops_per_token(r.config, vocab[data])
+            seconds += row.get("wall_time") or 0.0
+        return flops, seconds
+
+    sides: list[Tuned] = []
+    proxy_rows = sweep(mup, spec.name)
+    groups: dict[tuple, list[Run]] = {}
+    for r in mup:
+        groups.setdefault(_side(r), []).append(r)
+    finals: list[tuple[tuple, list[Run], str, float, int]] = []
+    for side, runs in groups.items():
+        best, loss, n = _best(runs, proxy_rows)
+        if not math.isfinite(loss):
+            raise ConfigError(f"every proxy candidate of {side[1]} μP diverged or failed")
+        winners = [r for r in runs if _candidate(r) == best]
+        targets = [_target_run(spec, r, target_width, target_depth) for r in winners]
+        finals.append((side, targets, best, loss, n))
+    target_rows = sweep([t for _, ts, *_ in finals for t in ts], f"{spec.name}-transfer")
+    for side, targets, best, loss, n in finals:
+        runs = groups[side]
+        winner = next(r for r in runs if _candidate(r) == best)
+        tuning, final = cost(runs, proxy_rows), cost(targets, target_rows)
+        sides.append(_tuned(side, (p_width, p_depth), n, runs, winner, loss, targets,
+                            target_rows, tuning, final))  # fmt: skip
+    if sp:
+        sp_rows = sweep(sp_targets, f"{spec.name}-sp-at-target")
+        by_side: dict[tuple, list[Run]] = {}
+        for r in sp_targets:
+            by_side.setdefault(_side(r), []).append(r)
+        for side, runs in by_side.items():
+            best, loss, n = _best(runs, sp_rows)
+            winners = [r for r in runs if _candidate(r) == best]
+            sides.append(_tuned(side, (target_width, target_depth), n, runs, winners[0], loss,
+                                winners, sp_rows, cost(runs, sp_rows), (0.0, 0.0)))  # fmt: skip
+    out = spec.store.parent / f"tuned_transfer_{target_width}x{target_depth}.json"
+    write_json(out, {"spec": str(spec.path), "proxy": {"width": p_width, "depth": p_depth},
+                     "target": {"width": target_width, "depth": target_depth},
+                     "sides": [s.to_json() for s in sides]})  # fmt: skip
+    return TunedResult(sides, (p_width, p_depth), (target_width, target_depth), out)
+
+
+def _tuned(side, tuned_at, n, runs, winner, loss, targets, rows, tuning, final) -> Tuned:
+    flat = flat_config(winner.config.to_dict())
+    done = [rows.get(t.id) for t in targets]
+    return Tuned(
+        optimizer=side[1], param=side[2], depth_alpha=side[3], tuned_at=tuned_at, trials=n,
+        hps={k: flat[k] for k in _swept(runs) if k in flat}, tuned_loss=loss,
+        target_losses=[row["best_val_loss"] if row and row["status"] == "ok" else None
+                       for row in done],
+        tuning_flops=tuning[0], tuning_seconds=tuning[1], final_flops=final[0],
+        final_seconds=final[1], arch=side[0],
+    )  # fmt: skip

@@ -155,13 +155,14 @@ def _arch(row: dict[str, Any]) -> str:
     return str(model.get("arch", "gpt"))
 
 
-def _flat(config: Any, prefix: str = "") -> dict[str, Any]:
+def flat_config(config: Any, prefix: str = "") -> dict[str, Any]:
+    """A stored config as ``{"section.key": value}``."""
     if not isinstance(config, dict):
         return {}
     out: dict[str, Any] = {}
     for k, v in config.items():
         if isinstance(v, dict):
-            out |= _flat(v, f"{prefix}{k}.")
+            out |= flat_config(v, f"{prefix}{k}.")
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -177,7 +178,7 @@ def hp_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
     seen: dict[tuple[int, int], dict[str, str]] = {}
     swept: set[str] = set()
     for row in rows:
-        flat = _flat(row.get("config"))
+        flat = flat_config(row.get("config"))
         first = seen.setdefault((int(row["width"]), int(row["depth"])), {})
         for k, v in flat.items():
             text = json.dumps(v, sort_keys=True)
@@ -206,7 +207,7 @@ def build_studies(rows: Iterable[dict[str, Any]]) -> list[Study]:
     for key, group in base.items():
         names = hp_keys(group)
         for row in group:
-            flat = _flat(row.get("config"))
+            flat = flat_config(row.get("config"))
             groups[(*key, tuple((k, flat.get(k)) for k in names))].append(row)
     studies = []
 
