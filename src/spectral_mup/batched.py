@@ -1,0 +1,304 @@
+"""K training runs of one shape stacked into one model (issue 13: batched sweeps).
+
+A sweep's runs are small and of few shapes, so a process spends most of a step in per-op
+overhead. Stacking K runs that share a shape (their configs differ only in LR, weight
+decay, seed and per-role LR/init multipliers) turns K small ops into one batched op:
+
+- ``stack(models)`` copies the first model and replaces each of its layers (``nn.Linear``,
+  ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm``) by a stacked layer whose weight is the
+  K runs' weights, ``[K, ...]``, under the same parameter name. Activations carry the K runs
+  in the batch dimension, run-major (``[K·B, ...]``), so the model's own forward — reshapes,
+  attention (SDPA on ``[K·B, heads, T, d]``, no vmap fallback), residual and μP multipliers —
+  runs unchanged; each stacked layer views its input as ``[K, B·…, features]`` and applies a
+  batched matmul (``bmm``), a per-run gather or a per-run norm gain. A model with any other
+  parameter-holding layer is refused (``NotBatchable``), so a sweep falls back to one run
+  per process instead of computing something else.
+- ``SliceLR`` gives every run its own per-tensor LR and weight decay on top of an optimizer
+  whose update is linear in the LR and whose state does not depend on it (AdamW, Lion,
+  ADOPT, SGD): the wrapped optimizer steps with LR 1 and no decay, and each run's slice of
+  the change d is rescaled: ``p ← p·(1 − lr_k·λ_k) + lr_k·d`` (decoupled decay), or, for
+  an optimizer whose decay is an L2 term of the gradient (torch's SGD), ``g ← g + λ_k·p``
+  before the step and ``p ← p + lr_k·d`` after it.
+
+``tests/test_batched.py`` checks both against K separate models and optimizers.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import SmupError
+
+
+class NotBatchable(SmupError):
+    """The runs or the model cannot be stacked; train them one by one."""
+
+
+class _Shape:
+    """The stack's K and the current per-run batch size B, shared by its layers."""
+
+    def __init__(self, k: int):
+        self.k, self.b = k, 1
+
+
+def _stacked(tensors: Sequence[torch.Tensor]) -> nn.Parameter:
+    return nn.Parameter(torch.stack([t.detach() for t in tensors]).contiguous())
+
+
+class StackedLinear(nn.Module):
+    def __init__(self, layers: Sequence[nn.Linear], shape: _Shape):
+        super().__init__()
+        self.shape = shape
+        self.weight = _stacked([m.weight for m in layers])  # [K, out, in]
+        self.bias = _stacked([m.bias for m in layers]) if layers[0].bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, lead = self.shape.k, x.shape[:-1]
+        xk = x.reshape(k, -1, x.shape[-1])
+        wt = self.weight.transpose(1, 2)
+        y = torch.bmm(xk, wt) if self.bias is None else torch.baddbmm(self.bias[:, None], xk, wt)
+        return y.reshape(*lead, y.shape[-1])
+
+
+class StackedEmbedding(nn.Module):
+    def __init__(self, layers: Sequence[nn.Embedding], shape: _Shape):
+        super().__init__()
+        if any(m.padding_idx is not None or m.max_norm is not None for m in layers):
+            raise NotBatchable("an Embedding with padding_idx or max_norm cannot be stacked")
+        self.shape = shape
+        self.weight = _stacked([m.weight for m in layers])  # [K, num, dim]
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        k, b = self.shape.k, self.shape.b
+        rows = torch.arange(k, device=idx.device)
+        if idx.dim() == 1:  # shared positions (GPT's wpe): the same rows for every batch item
+            out = self.weight[:, idx]  # [K, T, dim]
+            return out[:, None].expand(k, b, *out.shape[1:]).reshape(k * b, *out.shape[1:])
+        ik = idx.reshape(k, -1)
+        out = self.weight[rows[:, None], ik]  # [K, B·…, dim]
+        return out.reshape(*idx.shape, out.shape[-1])
+
+
+class StackedNorm(nn.Module):
+    """LayerNorm or RMSNorm over the last dimension with per-run gain (and bias)."""
+
+    def __init__(self, layers: Sequence[nn.LayerNorm | nn.RMSNorm], shape: _Shape):
+        super().__init__()
+        first = layers[0]
+        if len(first.normalized_shape) != 1:
+            raise NotBatchable("a norm over more than the last dimension cannot be stacked")
+        self.shape, self.rms = shape, isinstance(first, nn.RMSNorm)
+        self.eps = first.eps
+        self.dim = first.normalized_shape[0]
+        affine = first.weight is not None
+        self.weight = _stacked([m.weight for m in layers]) if affine else None
+        bias = getattr(first, "bias", None)
+        self.bias = _stacked([m.bias for m in layers]) if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = (self.dim,)
+        y = F.rms_norm(x, dims, eps=self.eps) if self.rms else F.layer_norm(x, dims, eps=self.eps)
+        yk = y.reshape(self.shape.k, -1, self.dim)
+        if self.weight is not None:
+            yk = yk * self.weight[:, None]
+        if self.bias is not None:
+            yk = yk + self.bias[:, None]
+        return yk.reshape(x.shape)
+
+
+_LAYERS: dict[type, type] = {
+    nn.Linear: StackedLinear,
+    nn.Embedding: StackedEmbedding,
+    nn.LayerNorm: StackedNorm,
+    nn.RMSNorm: StackedNorm,
+}
+
+
+class Stacked(nn.Module):
+    """K models of one shape as one: ``forward(x)`` takes ``[K, B, ...]`` inputs and returns
+    ``[K, B, ...]`` outputs, run k's from its own weights (``stack``)."""
+
+    def __init__(self, inner: nn.Module, shape: _Shape):
+        super().__init__()
+        self.inner, self.shape = inner, shape
+
+    @property
+    def k(self) -> int:
+        return self.shape.k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != self.k:
+            raise ValueError(f"input's first dimension must be the {self.k} runs, got {x.shape}")
+        self.shape.b = x.shape[1]
+        y = self.inner(x.reshape(self.k * x.shape[1], *x.shape[2:]))
+        return y.reshape(self.k, x.shape[1], *y.shape[1:])
+
+    def run_state(self, k: int) -> dict[str, torch.Tensor]:
+        """Run k's weights under the single model's parameter names (its state_dict)."""
+        return {name: q[k].detach().clone() for name, q in self.inner.named_parameters()}
+
+
+def stack(models: Sequence[nn.Module]) -> Stacked:
+    """The K models as one ``Stacked`` model (module docstring). Every model must have the
+    same structure and parameter shapes; roles (``smup_roles``) follow the first model."""
+    if not models:
+        raise NotBatchable("nothing to stack")
+    names = [n for n, _ in models[0].named_parameters()]
+    shapes = [q.shape for _, q in models[0].named_parameters()]
+    for m in models[1:]:
+        if [n for n, _ in m.named_parameters()] != names or [
+            q.shape for _, q in m.named_parameters()
+        ] != shapes:
+            raise NotBatchable("the models differ in their parameters; only one shape stacks")
+    shape = _Shape(len(models))
+    inner = copy.deepcopy(models[0])
+    per_model = [dict(m.named_modules()) for m in models]
+    for name, module in list(inner.named_modules()):
+        own = [n for n, _ in module.named_parameters(recurse=False)]
+        if not own:
+            continue
+        kind = _LAYERS.get(type(module))
+        if kind is None:
+            raise NotBatchable(
+                f"{name or 'the model'} ({type(module).__name__}) holds parameters in a layer "
+                f"that cannot be stacked (only {', '.join(t.__name__ for t in _LAYERS)})"
+            )
+        stacked = kind([pm[name] for pm in per_model], shape)
+        parent, _, attr = name.rpartition(".")
+        setattr(inner.get_submodule(parent) if parent else inner, attr, stacked)
+    every = [n for n, _ in models[0].named_parameters(remove_duplicate=False)]
+    if len(every) != len(names):  # a parameter shared by two layers (a tied head)
+        raise NotBatchable("a model with shared (tied) parameters cannot be stacked")
+    return Stacked(inner, shape)
+
+
+# ------------------------------------------------------------------- per-run LR and decay
+
+
+class SliceLR:
+    """Per-run, per-tensor LR and weight decay for a stacked model (module docstring).
+
+    ``optimizer`` was built on the stacked parameters with LR 1 and no weight decay; ``lrs``
+    and ``wds`` map each stacked parameter to its K runs' values (``[K]`` tensors), taken
+    from each run's own param groups. ``decay`` is ``"decoupled"`` (p·(1 − lr·λ)) or ``"l2"``
+    (λ·p added to the gradient); ``first_decay=False``: the optimizer neither moves nor
+    decays at its first step (ADOPT). ``factors``: the K runs' LR schedule factors.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        lrs: Mapping[nn.Parameter, torch.Tensor],
+        wds: Mapping[nn.Parameter, torch.Tensor],
+        decay: str = "decoupled",
+        *,
+        first_decay: bool = True,
+    ):
+        if decay not in ("decoupled", "l2"):
+            raise ValueError(f"decay must be decoupled or l2, got {decay!r}")
+        for group in optimizer.param_groups:
+            if group["lr"] != 1.0 or group.get("weight_decay", 0.0) != 0.0:
+                raise ValueError("SliceLR needs an optimizer built with lr=1, weight_decay=0")
+        self.opt, self.decay, self.first_decay = optimizer, decay, first_decay
+        self.lrs, self.wds = dict(lrs), dict(wds)
+        self.steps = 0
+        self.params = [q for g in optimizer.param_groups for q in g["params"]]
+
+    @torch.no_grad()
+    def step(self, factors: torch.Tensor, active: torch.Tensor | None = None) -> None:
+        """One step; ``factors``: ``[K]`` schedule factors; ``active``: ``[K]`` bools, a
+        run that is not active (diverged, stopped) keeps its weights."""
+
+        def per_run(v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+            return v.to(q.dtype).reshape(-1, *([1] * (q.dim() - 1)))
+
+        old = {}
+        for q in self.params:
+            if q.grad is None:
+                continue
+            if self.decay == "l2":
+                q.grad.add_(q * per_run(self.wds[q], q))
+            old[q] = q.detach().clone()
+        self.opt.step()
+        self.steps += 1
+        decays = self.decay == "decoupled" and (self.first_decay or self.steps > 1)
+        for q, before in old.items():
+            lr = per_run(self.lrs[q] * factors, q)
+            if active is not None:
+                lr = lr * per_run(active, q)
+            d = q - before
+            if decays:
+                q.copy_(before * (1 - lr * per_run(self.wds[q], q)) + lr * d)
+            else:
+                q.copy_(before + lr * d)
+
+
+def slice_hparams(
+    stacked: Stacked, groups_per_run: Sequence[Sequence[Mapping[str, Any]]]
+) -> tuple[dict[nn.Parameter, torch.Tensor], dict[nn.Parameter, torch.Tensor]]:
+    """Per stacked parameter, the K runs' ``lr`` and ``weight_decay`` from each run's own
+    param groups (``param_groups``/``build_optimizer`` on the single model, ``names``)."""
+    per_name: list[dict[str, tuple[float, float]]] = []
+    for groups in groups_per_run:
+        per_name.append(
+            {n: (g["lr"], g.get("weight_decay", 0.0)) for g in groups for n in g["names"]}
+        )
+    lrs, wds = {}, {}
+    for name, q in stacked.inner.named_parameters():
+        try:
+            values = [d[name] for d in per_name]
+        except KeyError:
+            raise NotBatchable(f"parameter {name} is in no param group of some run") from None
+        lrs[q] = torch.tensor([v[0] for v in values], dtype=torch.float64)
+        wds[q] = torch.tensor([v[1] for v in values], dtype=torch.float64)
+    return lrs, wds
+
+
+_PER_RUN_KEYS = {"params", "names", "lr", "weight_decay", "lr_mult", "initial_lr"}
+
+
+def _decay_mode(opt: torch.optim.Optimizer) -> tuple[str, bool]:
+    """How the optimizer applies weight decay (SliceLR's ``decay`` and ``first_decay``), for
+    the optimizers whose update is linear in the LR with LR-free state; NotBatchable for any
+    other."""
+    from .optim import ADOPT, Lion
+
+    if type(opt) in (torch.optim.AdamW, Lion):
+        return "decoupled", True
+    if type(opt) in (torch.optim.SGD, torch.optim.Adam):
+        return "l2", True
+    if type(opt) is ADOPT:  # its first step only initializes v
+        return ("decoupled" if opt.defaults.get("decouple") else "l2"), False
+    raise NotBatchable(f"{type(opt).__name__} steps are not batched (yet): one run per process")
+
+
+def stacked_optimizer(stacked: Stacked, optimizers: Sequence[torch.optim.Optimizer]) -> SliceLR:
+    """The optimizer of a stacked model from the K runs' own optimizers (built on their
+    single models by ``build_optimizer``): one group per stacked tensor with the runs'
+    shared options (ε, betas, …; they must agree) at LR 1 and no decay, wrapped in SliceLR
+    with each run's LR and decay of that tensor."""
+    if len(optimizers) != stacked.k or len({type(o) for o in optimizers}) != 1:
+        raise NotBatchable("one optimizer of one class per stacked run is needed")
+    mode, first_decay = _decay_mode(optimizers[0])
+    per_run = []
+    for opt in optimizers:
+        per_run.append({n: g for g in opt.param_groups for n in g.get("names", ())})
+    groups = []
+    for name, q in stacked.inner.named_parameters():
+        try:
+            own = [d[name] for d in per_run]
+        except KeyError:
+            raise NotBatchable(f"parameter {name} is in no named param group of some run") from None
+        shared = [{k: v for k, v in g.items() if k not in _PER_RUN_KEYS} for g in own]
+        if any(s != shared[0] for s in shared[1:]):
+            raise NotBatchable(f"the runs' optimizer options for {name} differ beyond lr and decay")
+        groups.append({**shared[0], "params": [q], "lr": 1.0, "weight_decay": 0.0})
+    opt = type(optimizers[0])(groups, lr=1.0)
+    lrs, wds = slice_hparams(stacked, [o.param_groups for o in optimizers])
+    return SliceLR(opt, lrs, wds, mode, first_decay=first_decay)

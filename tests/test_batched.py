@@ -1,0 +1,100 @@
+"""Stacked runs (spectral_mup.batched) against K separate models and optimizers: the same
+outputs and, step by step, the same weights (float64, so any difference is a bug, not
+rounding)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spectral_mup import Parametrization, build_optimizer
+from spectral_mup.batched import NotBatchable, stack, stacked_optimizer
+from spectral_mup.models import GPT, GPTConfig, Llama, LlamaConfig
+
+SHAPE = dict(width=32, depth=2, n_heads=2, vocab_size=65, block_size=16)
+
+
+def models(arch, ps, seeds, **shape):
+    cls, cfg = (GPT, GPTConfig) if arch == "gpt" else (Llama, LlamaConfig)
+    out = []
+    for p, seed in zip(ps, seeds, strict=True):
+        torch.manual_seed(seed)
+        out.append(cls(cfg(**SHAPE, **shape), p).double())
+    return out
+
+
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_stacked_forward_is_each_runs_forward(arch):
+    ps = [Parametrization(base_width=16, **hp) for hp in ({}, {"readout_scale": 1.0}, {})]
+    singles = models(arch, ps, seeds=(0, 1, 2))
+    stacked = stack(singles)
+    x = torch.randint(0, 65, (3, 4, 16))
+    got = stacked(x)
+    for k, m in enumerate(singles):
+        torch.testing.assert_close(got[k], m(x[k]), rtol=0, atol=1e-12)
+    assert set(stacked.run_state(1)) == set(dict(singles[1].named_parameters()))
+    head = "lm_head.weight" if arch == "gpt" else "output.weight"
+    torch.testing.assert_close(
+        stacked.run_state(2)[head], dict(singles[2].named_parameters())[head]
+    )
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "kw"),
+    [("adamw", {}), ("lion", {}), ("sgd", {"momentum": 0.9}), ("adopt", {})],
+)
+def test_stacked_steps_are_each_runs_steps(optimizer, kw):
+    """Three runs with their own LR, weight decay, per-role LR multiplier, init seed and
+    batches, and their own schedule factor per step, for 4 steps."""
+    ps = [Parametrization(base_width=16, **hp)
+          for hp in ({}, {"lr_input": 4.0, "lr_vector": 0.5}, {"lr_output": 2.0})]  # fmt: skip
+    lrs, wds = (1e-3, 3e-3, 2e-4), (0.0, 0.1, 0.3)
+    if optimizer == "sgd":
+        lrs = (0.1, 0.3, 0.03)
+    # Lion: no biases — a key bias's gradient is 0 in exact arithmetic, so the sign of its
+    # rounding noise (which batching changes) is arbitrary
+    singles = models("gpt", ps, seeds=(0, 1, 2), bias=optimizer != "lion")
+    stacked = stack(singles)
+    opts = [build_optimizer(optimizer, m, p, lr, wd, **kw)
+            for m, p, lr, wd in zip(singles, ps, lrs, wds, strict=True)]  # fmt: skip
+    batched = stacked_optimizer(stacked, opts)
+    gen = torch.Generator().manual_seed(5)
+    for step in range(4):
+        x = torch.randint(0, 65, (3, 4, 16), generator=gen)
+        y = torch.randint(0, 65, (3, 4, 16), generator=gen)
+        factors = torch.tensor([1.0, 0.5 + 0.1 * step, 0.8])
+        for k, (m, o) in enumerate(zip(singles, opts, strict=True)):
+            for g in o.param_groups:
+                g["lr"] = g.setdefault("initial", g["lr"]) * float(factors[k])
+            o.zero_grad(set_to_none=True)
+            F.cross_entropy(m(x[k]).view(-1, 65), y[k].view(-1)).backward()
+            o.step()
+        batched.opt.zero_grad(set_to_none=True)
+        logits = stacked(x)
+        per_run = F.cross_entropy(logits.reshape(-1, 65), y.reshape(-1), reduction="none")
+        per_run.view(3, -1).mean(1).sum().backward()
+        batched.step(factors)
+    for k, m in enumerate(singles):
+        state = stacked.run_state(k)
+        for name, q in m.named_parameters():
+            torch.testing.assert_close(state[name], q.detach(), rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_inactive_runs_keep_their_weights_and_unsupported_models_are_refused():
+    ps = [Parametrization(base_width=16)] * 2
+    singles = models("gpt", ps, seeds=(0, 1))
+    stacked = stack(singles)
+    opts = [build_optimizer("adamw", m, p, 1e-2) for m, p in zip(singles, ps, strict=True)]
+    batched = stacked_optimizer(stacked, opts)
+    before = stacked.run_state(1)
+    x = torch.randint(0, 65, (2, 2, 16))
+    stacked(x).sum().backward()
+    batched.step(torch.ones(2), active=torch.tensor([True, False]))
+    after = stacked.run_state(1)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert not torch.equal(stacked.run_state(0)["wte.weight"], singles[0].wte.weight)
+    tied = [GPT(GPTConfig(**SHAPE, tie_weights=True), Parametrization(base_width=16))] * 2
+    with pytest.raises(NotBatchable, match="tied"):
+        stack(tied)
+    muon = [build_optimizer("muon", m, p, 1e-2) for m, p in zip(singles, ps, strict=True)]
+    with pytest.raises(NotBatchable, match="Muon steps are not batched"):
+        stacked_optimizer(stacked, muon)
