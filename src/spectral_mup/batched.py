@@ -222,6 +222,8 @@ class SliceLR:
         for q in self.params:
             if q.grad is None:
                 continue
+            if active is not None:  # a stopped run's (maybe non-finite) gradient moves nothing
+                q.grad.masked_fill_(~per_run(active, q).bool(), 0.0)
             if self.decay == "l2":
                 q.grad.add_(q * per_run(self.wds[q], q))
             old[q] = q.detach().clone()
@@ -230,13 +232,14 @@ class SliceLR:
         decays = self.decay == "decoupled" and (self.first_decay or self.steps > 1)
         for q, before in old.items():
             lr = per_run(self.lrs[q] * factors, q)
-            if active is not None:
-                lr = lr * per_run(active, q)
             d = q - before
             if decays:
-                q.copy_(before * (1 - lr * per_run(self.wds[q], q)) + lr * d)
+                new = before * (1 - lr * per_run(self.wds[q], q)) + lr * d
             else:
-                q.copy_(before + lr * d)
+                new = before + lr * d
+            if active is not None:
+                new = torch.where(per_run(active, q).bool(), new, before)
+            q.copy_(new)
 
 
 def slice_hparams(
@@ -302,3 +305,188 @@ def stacked_optimizer(stacked: Stacked, optimizers: Sequence[torch.optim.Optimiz
     opt = type(optimizers[0])(groups, lr=1.0)
     lrs, wds = slice_hparams(stacked, [o.param_groups for o in optimizers])
     return SliceLR(opt, lrs, wds, mode, first_decay=first_decay)
+
+
+# --------------------------------------------------------------------------- training
+
+# config keys that may differ between the runs of one stack (everything else must match)
+PER_RUN_KEYS = {
+    ("optim", "lr"),
+    ("optim", "weight_decay"),
+    ("train", "seed"),
+    ("train", "out_dir"),
+    *(("param", k) for k in ("lr_input", "lr_output", "lr_vector", "init_std", "init_input",
+                             "init_output")),
+}  # fmt: skip
+
+
+def stack_key(cfg: Any) -> str:
+    """Runs with equal keys can share a stack: their configs agree outside PER_RUN_KEYS."""
+    import json
+
+    d = cfg.to_dict()
+    kept = {s: {k: v for k, v in items.items() if (s, k) not in PER_RUN_KEYS}
+            for s, items in d.items()}  # fmt: skip
+    return json.dumps(kept, sort_keys=True, default=str)
+
+
+def check_stackable(cfgs: Sequence[Any]) -> None:
+    """NotBatchable unless the runs can train as one stack (no gradient accumulation, no
+    compile, no pause; the same shape, data and schedule)."""
+    if len({stack_key(c) for c in cfgs}) != 1:
+        raise NotBatchable("the runs differ beyond LR, weight decay, seed and multipliers")
+    t = cfgs[0].train
+    if t.grad_accum != 1 or t.compile or t.stop_at:
+        raise NotBatchable("grad_accum > 1, compile or stop_at runs train one by one")
+
+
+def train_stacked(cfgs: Sequence[Any], log=None) -> list[dict[str, Any]]:
+    """Train the runs ``cfgs`` (RunConfigs, ``check_stackable``) as one stack; return and
+    write (``out_dir/result.json``, and ``model.pt`` for an ``ok`` run) each run's result,
+    as ``train.run`` would: its own init (``train.seed``), training and eval batches, LR
+    schedule, loss ceiling, divergence, patience and grad clipping. A diverged or stopped run
+    is masked out (its weights stay) while the others go on. Each result's ``wall_time`` is
+    the stack's divided by K (the compute is shared). No checkpoints: a killed stack starts
+    over."""
+    import math
+    import time
+    from pathlib import Path
+
+    from .data import load_dataset
+    from .fileio import save_torch, write_json
+    from .train import RESULT, WEIGHTS, _autocast, build_model, build_run_optimizer, lr_factor
+
+    check_stackable(cfgs)
+    k = len(cfgs)
+    c0, t0 = cfgs[0], cfgs[0].train
+    device = torch.device(t0.device)
+    data = load_dataset(c0.data.path or None, vocab_size=c0.data.vocab_size or None)
+    singles, opts = [], []
+    for cfg in cfgs:
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg, data.vocab_size).to(device)
+        singles.append(model)
+        opts.append(build_run_optimizer(cfg, model))
+    stacked = stack(singles).to(device)
+    opt = stacked_optimizer(stacked, opts)
+    del singles, opts
+    factors = [lr_factor(cfg) for cfg in cfgs]
+    gens = [torch.Generator().manual_seed(cfg.train.seed) for cfg in cfgs]
+    ceilings = [cfg.train.loss_ceiling or 2.0 * math.log(data.vocab_size) for cfg in cfgs]
+    active = torch.ones(k, dtype=torch.bool)
+    hist = [{"train_loss": [], "lr": [], "val": [], "win_rate": []} for _ in cfgs]
+    best = [(math.inf, 0) for _ in cfgs]
+    status, stop, diverged_at = ["ok"] * k, ["max_iters"] * k, [None] * k
+    iters = [0] * k
+    since_eval: list[list[float]] = [[] for _ in cfgs]
+    block, bs = c0.model.block_size, t0.batch_size
+
+    def losses(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with _autocast(c0):
+            logits = stacked(x.to(device))
+        flat = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
+                               y.to(device).reshape(-1), reduction="none")  # fmt: skip
+        return flat.view(k, -1).mean(1)
+
+    def evaluate() -> list[float]:
+        egens = [torch.Generator().manual_seed(10_000 + cfg.train.seed) for cfg in cfgs]
+        total = torch.zeros(k, dtype=torch.float64)
+        stacked.eval()
+        with torch.no_grad():
+            for _ in range(t0.eval_iters):
+                xy = [data.get_batch("val", bs, block, g) for g in egens]
+                total += (
+                    losses(torch.stack([a for a, _ in xy]), torch.stack([b for _, b in xy]))
+                    .double()
+                    .cpu()
+                )
+        stacked.train()
+        return (total / t0.eval_iters).tolist()
+
+    start = time.perf_counter()
+    stacked.train()
+    for it in range(t0.max_iters):
+        if not active.any():
+            break
+        xy = [data.get_batch("train", bs, block, g) for g in gens]
+        x, y = torch.stack([a for a, _ in xy]), torch.stack([b for _, b in xy])
+        opt.opt.zero_grad(set_to_none=True)
+        per_run = losses(x, y)
+        values = per_run.detach().double().cpu().tolist()
+        for i in range(k):
+            if active[i] and (not math.isfinite(values[i]) or values[i] > ceilings[i]):
+                status[i] = stop[i] = "diverged"
+                diverged_at[i], active[i] = it, False
+        if not active.any():
+            break
+        per_run.masked_fill(~active.to(per_run.device), 0.0).sum().backward()
+        if t0.grad_clip > 0:
+            _clip_per_run(stacked, t0.grad_clip, active)
+        lr_now = torch.tensor([f(it) for f in factors], dtype=torch.float64)
+        for i in range(k):
+            if active[i]:
+                hist[i]["lr"].append(cfgs[i].optim.lr * float(lr_now[i]))
+        opt.step(lr_now, active)
+        done = it + 1
+        for i in range(k):
+            if active[i]:
+                iters[i] = done
+                hist[i]["train_loss"].append(values[i])
+                since_eval[i].append(values[i])
+        if done % t0.eval_interval == 0 or done == t0.max_iters:
+            vals = evaluate()
+            for i in range(k):
+                if not active[i]:
+                    continue
+                hist[i]["val"].append([done, vals[i]])
+                since_eval[i] = []
+                if vals[i] < best[i][0]:
+                    best[i] = (vals[i], done)
+                if not math.isfinite(vals[i]) or vals[i] > ceilings[i]:
+                    status[i] = stop[i] = "diverged"
+                    diverged_at[i], active[i] = done, False
+                elif cfgs[i].train.patience and done - best[i][1] >= cfgs[i].train.patience:
+                    stop[i], active[i] = "early_stop", False
+    elapsed = time.perf_counter() - start
+    results = []
+    num_params = sum(q[0].numel() for q in stacked.parameters())
+    for i, cfg in enumerate(cfgs):
+        out = Path(cfg.train.out_dir)
+        tail = hist[i]["train_loss"][-min(len(hist[i]["train_loss"]), cfg.train.eval_interval) :]
+        final_val = hist[i]["val"][-1][1] if hist[i]["val"] else None
+        result = {
+            "status": status[i],
+            "stop_reason": stop[i],
+            "iters": iters[i],
+            "best_val_loss": best[i][0] if math.isfinite(best[i][0]) else None,
+            "best_iter": best[i][1],
+            "final_val_loss": final_val
+            if final_val is not None and math.isfinite(final_val)
+            else None,
+            "final_train_loss": sum(tail) / len(tail) if tail else None,
+            "diverged_at": diverged_at[i],
+            "tokens": iters[i] * cfg.train.batch_size * cfg.model.block_size,
+            "wall_time": elapsed / k,
+            "num_params": num_params,
+            "data": data.source,
+            "config": cfg.to_dict(),
+            "history": hist[i],
+            "stacked": k,
+        }
+        if status[i] == "ok":
+            save_torch(out / WEIGHTS, stacked.run_state(i))
+        write_json(out / RESULT, result)
+        results.append(result)
+    return results
+
+
+@torch.no_grad()
+def _clip_per_run(stacked: Stacked, max_norm: float, active: torch.Tensor) -> None:
+    """torch's clip_grad_norm_ for each run alone: its gradients × min(1, max/(‖g‖+1e-6))."""
+    grads = [q.grad for q in stacked.parameters() if q.grad is not None]
+    if not grads:
+        return
+    sq = sum(g.double().pow(2).reshape(g.shape[0], -1).sum(1) for g in grads)
+    scale = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.to(g.dtype).reshape(-1, *([1] * (g.dim() - 1))))
