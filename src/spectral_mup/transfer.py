@@ -30,8 +30,26 @@ from .store import RunStore
 from .sweep import Run, SweepSpec, load_spec, run_id, run_sweep
 
 
+class _AtTarget:
+    """What the target runs of a transferred setting show (``target_losses``, per seed)."""
+
+    target_losses: list[float | None]
+
+    @property
+    def target_loss(self) -> float:
+        """Seed-mean best val loss at the target; inf when any seed diverged or failed."""
+        if not self.target_losses or any(v is None for v in self.target_losses):
+            return math.inf
+        return statistics.fmean(v for v in self.target_losses if v is not None)
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)  # type: ignore[call-overload]
+        out["target_loss"] = self.target_loss if math.isfinite(self.target_loss) else None
+        return out
+
+
 @dataclass(frozen=True)
-class Arm:
+class Arm(_AtTarget):
     """One transferred setting: the proxy's optimum and the target's result with it."""
 
     optimizer: str
@@ -44,18 +62,6 @@ class Arm:
     target_losses: list[float | None]  # per seed; None where the run diverged or failed
     target_status: list[str]
     arch: str = "gpt"  # the bundled model (model.arch)
-
-    @property
-    def target_loss(self) -> float:
-        """Seed-mean best val loss at the target; inf when any seed diverged or failed."""
-        if not self.target_losses or any(v is None for v in self.target_losses):
-            return math.inf
-        return statistics.fmean(v for v in self.target_losses if v is not None)
-
-    def to_json(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["target_loss"] = self.target_loss if math.isfinite(self.target_loss) else None
-        return out
 
 
 @dataclass(frozen=True)
@@ -226,7 +232,7 @@ def comparison_lines(arms: list[Arm], proxy: tuple[int, int], target: tuple[int,
 
 
 @dataclass(frozen=True)
-class Tuned:
+class Tuned(_AtTarget):
     """One side of a tuned transfer: its best configuration, where it was tuned, its losses
     and what the tuning cost."""
 
@@ -243,17 +249,6 @@ class Tuned:
     final_flops: float  # the target runs trained after tuning (μP); 0 when tuned there (SP)
     final_seconds: float
     arch: str = "gpt"
-
-    @property
-    def target_loss(self) -> float:
-        if not self.target_losses or any(v is None for v in self.target_losses):
-            return math.inf
-        return statistics.fmean(v for v in self.target_losses if v is not None)
-
-    def to_json(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["target_loss"] = self.target_loss if math.isfinite(self.target_loss) else None
-        return out
 
 
 @dataclass(frozen=True)
