@@ -254,3 +254,27 @@ def test_sweep_of_an_unprobed_optimizer_stops_before_any_run(tmp_path, monkeypat
     assert main(["sweep", str(spec)]) == 2
     assert "smup probe --optimizer torch.optim.RAdam" in capsys.readouterr().err
     assert not (tmp_path / "s.sqlite").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_registered_optimizers_own_family_is_a_candidate_and_survives_json():
+    """Blocked Shampoo's Kronecker family is no generic family: a probed rule may name it
+    (the probe compares a registered optimizer's own families, with its options, after the
+    generic ones), and its JSON form rebuilds it from the optimizer's name and options."""
+    from spectral_mup.probe import _candidates, full_options, rule_from_json
+
+    options = {"block_size": 128}
+    own = rules.rule_for("shampoo", full_options("shampoo", options)).family("hidden")
+    names = list(_candidates("shampoo", options))
+    assert own.name == "kronecker(e=0.25+0.25, block=128)" and names[-1] == own.name
+    assert own.name not in _candidates()  # generic candidates only: not there
+    data = {
+        "name": "shampoo", "options": options, "eps": {r: "gram" for r in rules.ROLES},
+        "families": {r: {"known": own.name if r != "vector" else "entrywise"} for r in rules.ROLES},
+    }  # fmt: skip
+    rule = rule_from_json(data)
+    got = rule.family("hidden")
+    assert got.name == own.name and rule.family("vector") == rules.FAMILIES["entrywise"]
+    for fans in ((256, 1024), (1024, 256), (512, 512)):  # the same update-norm model
+        assert got.norm(*fans, 1.0, "hidden") == own.norm(*fans, 1.0, "hidden")
+    with pytest.raises(ConfigError, match="unknown family"):
+        rule_from_json({**data, "options": {"block_size": 64}})

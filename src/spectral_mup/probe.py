@@ -436,17 +436,26 @@ def _path_exponent(
     return _slope(widths, ys)
 
 
-def _candidates() -> dict[str, rules.UpdateFamily]:
+def _candidates(
+    optimizer: str | None = None, options: Mapping[str, Any] | None = None
+) -> dict[str, rules.UpdateFamily]:
     """The known families a probed role is compared with, in order of preference for ties:
     rules.FAMILIES with Muon's shaped orthogonalized update beside the plain one, and
-    Adam-grafted Shampoo's (unblocked)."""
+    Adam-grafted Shampoo's (unblocked); for a registered ``optimizer``, last, the families
+    its own rule gives with ``options`` (blocked Shampoo's Kronecker family, …)."""
     fams = rules.FAMILIES
     muon = rules.rule_for("muon").family("hidden")
     grafted = rules.grafted_family()
     order = [fams["entrywise"], fams["orthogonalized"], muon, fams["trust_ratio"],
              fams["spectral_normalized"], fams["raw_gradient"], grafted]  # fmt: skip
     assert {f.name for f in order} >= set(fams), "a family is missing from the probe's list"
-    return {f.name: f for f in order}
+    if optimizer in rules.OPTIMIZER_RULES:
+        own = rules.rule_for(optimizer, full_options(optimizer, options or {}))
+        order += [own.family(r) for r in rules.ROLES]
+    out: dict[str, rules.UpdateFamily] = {}
+    for f in order:  # a name seen before keeps its place
+        out.setdefault(f.name, f)
+    return out
 
 
 def _family_exponents(
@@ -869,7 +878,7 @@ def derive_rule(result: ProbeResult, *, tolerance: float = 0.2) -> rules.Optimiz
     aux_roles = rules.rule_for(result.optimizer).auxiliary if registered else ()
     paths = _paths(result.records, result.widths)
     k = result.k[0]
-    cands = _candidates()
+    cands = _candidates(result.optimizer, result.options)
     order = list(cands)
     predicted = {n: _family_exponents(f, paths, result.widths) for n, f in cands.items()}
     measured = {g: e for g, (e, _) in result.exponents.items()}
@@ -911,6 +920,7 @@ def derive_rule(result: ProbeResult, *, tolerance: float = 0.2) -> rules.Optimiz
         "families": entries,
         "eps": {r: result.eps.get(r) for r in rules.ROLES},
         "auxiliary": list(aux_roles),
+        "options": result.options,
         "source": f"smup probe (widths {result.widths}, seeds {result.seeds})",
     }
     return rule_from_json(data)
@@ -927,8 +937,9 @@ def rule_to_json(rule: rules.OptimizerRule) -> dict[str, Any]:
     return dict(rule.measured["json"])
 
 
-def _family_from_json(entry: Mapping[str, Any]) -> rules.UpdateFamily:
-    known = _candidates()
+def _family_from_json(
+    entry: Mapping[str, Any], known: Mapping[str, rules.UpdateFamily]
+) -> rules.UpdateFamily:
     if "fitted" in entry:
         f = entry["fitted"]
         return rules.fitted_family(
@@ -952,7 +963,8 @@ def _family_from_json(entry: Mapping[str, Any]) -> rules.UpdateFamily:
 def rule_from_json(data: Mapping[str, Any]) -> rules.OptimizerRule:
     """The ``rules.OptimizerRule`` of a probed rule's JSON form (``rule_to_json``)."""
     try:
-        families = {r: _family_from_json(data["families"][r]) for r in rules.ROLES}
+        known = _candidates(data["name"], data.get("options"))
+        families = {r: _family_from_json(data["families"][r], known) for r in rules.ROLES}
         return rules.OptimizerRule(
             data["name"], families, eps=dict(data["eps"]),
             auxiliary=tuple(data.get("auxiliary", ())), source=data.get("source", ""),
