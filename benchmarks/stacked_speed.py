@@ -1,0 +1,64 @@
+"""Stacked runs (spectral_mup.batched.train_stacked) against one run at a time: seconds per run.
+
+K runs of the demo's shape (configs/demo.toml: depth 4, 2 heads, batch 16 × 128, AdamW) at
+one width, differing in LR and seed, for ``--steps`` steps with one eval at the end; the same
+K configs trained one by one through train.run (``--singles`` of them, timed, the rest assumed
+alike) and then as one stack. One torch thread for both (a sweep worker's share of 2 cores).
+
+    SMUP_DATA_DIR=../shared/data python benchmarks/stacked_speed.py --widths 16,64,128 --k 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from spectral_mup.batched import train_stacked
+from spectral_mup.config import build_config, load_config
+from spectral_mup.train import run
+
+
+def configs(width: int, k: int, steps: int, root: Path, tag: str) -> list:
+    base = load_config("configs/demo.toml").to_dict()
+    base["model"]["width"] = width
+    base["train"].update(max_iters=steps, eval_interval=steps, progress=False)
+    out = []
+    for i in range(k):
+        values = {s: dict(v) for s, v in base.items()}
+        values["optim"]["lr"] = 2.0 ** (-9 + i % 8)
+        values["train"].update(seed=i % 2, out_dir=str(root / f"{tag}{width}_{i}"))
+        out.append(build_config(values))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--widths", default="16,64,128")
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--singles", type=int, default=2, help="single runs timed per width")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    root = Path(tempfile.mkdtemp(prefix="stacked_speed_"))
+    print(f"| width | K | one by one s/run | stacked s/run | speedup |  ({args.steps} steps)")
+    print("|---|---|---|---|---|")
+    for width in (int(w) for w in args.widths.split(",")):
+        singles = configs(width, args.k, args.steps, root, "s")[: args.singles]
+        start = time.perf_counter()
+        for cfg in singles:
+            run(cfg, log=None)
+        one = (time.perf_counter() - start) / len(singles)
+        stack = configs(width, args.k, args.steps, root, "b")
+        start = time.perf_counter()
+        train_stacked(stack)
+        per = (time.perf_counter() - start) / args.k
+        print(f"| {width} | {args.k} | {one:.2f} | {per:.2f} | {one / per:.2f}× |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
