@@ -2,7 +2,8 @@
 
 μP needs one thing from an optimizer: its update-norm model N, the spectral norm of the
 effective update per unit LR as a function of a layer's fans (rules.py). The probe measures
-it. It builds the bundled GPT under μP's init and forward multipliers at several widths and
+it. It builds the bundled GPT (or any model factory's model) under μP's init and forward
+multipliers at several widths and
 takes a few real steps with every LR multiplier 1, at a tiny fixed LR and on small batches
 (docs/probe.md says why: 1e-6 keeps every width at init, so steps differ only in their
 batches; 4 × 32 tokens keep a raw gradient's stable rank from growing with width). Per
