@@ -100,6 +100,31 @@ def _target_run(spec: SweepSpec, proxy: Run, width: int, depth: int) -> Run:
     return Run(rid, cfg, {**proxy.point, "width": width, "depth": depth})
 
 
+def _prepare(
+    spec_path: str | Path,
+    target_width: int,
+    target_depth: int | None,
+    proxy_width: int | None,
+    proxy_depth: int | None,
+    sp: bool,
+) -> tuple[SweepSpec, list[Run], int]:
+    """The spec, its proxy runs and the target depth, every input checked and every target
+    config built (so validated) before anything trains."""
+    spec = load_spec(spec_path)
+    proxies = _proxy_runs(spec, proxy_width, proxy_depth)
+    depth = proxies[0].config.model.depth if target_depth is None else target_depth
+    if target_width <= 0 or depth <= 0:
+        raise ConfigError("--target-width and --target-depth must be positive integers")
+    kinds = {r.config.param.kind for r in proxies}
+    if "mup" not in kinds:
+        raise ConfigError(f"{spec.path} has no μP runs (grid param); add param = ['mup']")
+    if sp and "sp" not in kinds:
+        raise ConfigError(f"--sp needs SP runs in {spec.path}; add 'sp' to the grid's param")
+    for proxy in proxies:
+        _target_run(spec, proxy, target_width, depth)
+    return spec, proxies, depth
+
+
 def run_transfer(
     spec_path: str | Path,
     target_width: int,
@@ -114,20 +139,10 @@ def run_transfer(
     progress: bool = True,
 ) -> TransferResult:
     """Steps 1–4 of the module docstring."""
-    spec = load_spec(spec_path)
-    proxies = _proxy_runs(spec, proxy_width, proxy_depth)
+    spec, proxies, target_depth = _prepare(
+        spec_path, target_width, target_depth, proxy_width, proxy_depth, sp
+    )
     p_width, p_depth = proxies[0].config.model.width, proxies[0].config.model.depth
-    target_depth = p_depth if target_depth is None else target_depth
-    if target_width <= 0 or target_depth <= 0:
-        raise ConfigError("--target-width and --target-depth must be positive integers")
-    kinds = {r.config.param.kind for r in proxies}
-    if "mup" not in kinds:
-        raise ConfigError(f"{spec.path} has no μP runs (grid param); add param = ['mup']")
-    if sp and "sp" not in kinds:
-        raise ConfigError(f"--sp needs SP runs in {spec.path}; add 'sp' to the grid's param")
-    # validate every target config before training anything
-    for proxy in proxies:
-        _target_run(spec, proxy, target_width, target_depth)
 
     run_sweep(dataclasses.replace(spec, runs=proxies), executor=executor, workers=workers,
               address=address, progress=progress)  # fmt: skip
@@ -339,21 +354,13 @@ def run_tuned_transfer(
     from .data import load_dataset
     from .train import flops_per_token
 
-    spec = load_spec(spec_path)
-    proxies = _proxy_runs(spec, proxy_width, proxy_depth)
+    spec, proxies, target_depth = _prepare(
+        spec_path, target_width, target_depth, proxy_width, proxy_depth, sp
+    )
     p_width, p_depth = proxies[0].config.model.width, proxies[0].config.model.depth
-    target_depth = p_depth if target_depth is None else target_depth
-    if target_width <= 0 or target_depth <= 0:
-        raise ConfigError("--target-width and --target-depth must be positive integers")
     mup = [r for r in proxies if r.config.param.kind == "mup"]
-    if not mup:
-        raise ConfigError(f"{spec.path} has no μP runs (grid param); add param = ['mup']")
     sp_targets = [_target_run(spec, r, target_width, target_depth)
                   for r in proxies if r.config.param.kind == "sp"]  # fmt: skip
-    if sp and not sp_targets:
-        raise ConfigError(f"--sp needs SP runs in {spec.path}; add 'sp' to the grid's param")
-    for r in mup:  # validate every target config before training anything
-        _target_run(spec, r, target_width, target_depth)
 
     def sweep(runs: list[Run], name: str) -> dict[str, dict[str, Any]]:
         run_sweep(dataclasses.replace(spec, name=name, runs=runs), executor=executor,
