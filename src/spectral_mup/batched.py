@@ -354,7 +354,15 @@ def train_stacked(cfgs: Sequence[Any], log=None) -> list[dict[str, Any]]:
 
     from .data import load_dataset
     from .fileio import save_torch, write_json
-    from .train import RESULT, WEIGHTS, _autocast, build_model, build_run_optimizer, lr_factor
+    from .train import (
+        RESULT,
+        WEIGHTS,
+        _autocast,
+        build_model,
+        build_run_optimizer,
+        eval_generator,
+        lr_factor,
+    )
 
     check_stackable(cfgs)
     k = len(cfgs)
@@ -389,7 +397,7 @@ def train_stacked(cfgs: Sequence[Any], log=None) -> list[dict[str, Any]]:
         return flat.view(k, -1).mean(1)
 
     def evaluate() -> list[float]:
-        egens = [torch.Generator().manual_seed(10_000 + cfg.train.seed) for cfg in cfgs]
+        egens = [eval_generator(cfg) for cfg in cfgs]
         total = torch.zeros(k, dtype=torch.float64)
         stacked.eval()
         with torch.no_grad():

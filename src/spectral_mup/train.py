@@ -178,6 +178,12 @@ def update_hessian(
     opt.zero_grad(set_to_none=True)
 
 
+def eval_generator(cfg: RunConfig) -> torch.Generator:
+    """The generator of a run's eval batches: the same batches at every eval, and no draw
+    from the training RNG."""
+    return torch.Generator().manual_seed(10_000 + cfg.train.seed)
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -190,7 +196,7 @@ def evaluate(
     every eval, and no draw from the training RNG); under torchrun each rank takes its rows
     of every batch and the mean is all-reduced."""
     ctx = ctx or Context()
-    gen = torch.Generator().manual_seed(10_000 + cfg.train.seed)
+    gen = eval_generator(cfg)
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64)
