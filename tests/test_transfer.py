@@ -168,3 +168,48 @@ def test_tuned_transfer_picks_the_best_candidate_and_counts_compute(tmp_path, ca
     )
     assert sp["final_flops"] == 0 and mup["final_flops"] > 0
     assert "tuning PFLOP" in out and "lr_input=" in out
+
+
+def test_tuned_transfer_with_an_sp_spec_tunes_sp_over_its_own_candidates(tmp_path, capsys):
+    """--sp-spec: μP searches several HPs on the proxy while SP's candidates are another
+    spec's SP runs (an LR grid here), resized to the target; the μP spec needs no SP runs.
+    Without --sp, or with a spec of several sizes or no SP runs, it is a one-line error."""
+    mup_grid = 'optimizer = "adamw"\nparam = "mup"\nwidth = 16\ndepth = 1\nseed = [0, 1]\n'
+    search = '\n[search]\ntrials = 3\n"optim.lr" = { log2_min = -9, log2_max = -4 }\n'
+    search += '"param.init_output" = { min = 0.5, max = 2.0 }\n'
+    mup_spec = write_spec(tmp_path / "mup", mup_grid + search, budget="steps = 10",
+                          sweep="workers = 1")  # fmt: skip
+    sp_grid = 'optimizer = "adamw"\nparam = "sp"\nwidth = 24\ndepth = 1\nseed = [0, 1]\n'
+    sp_spec = write_spec(tmp_path / "sp", sp_grid + "lr = [0.003, 0.03]", budget="steps = 10",
+                         sweep="workers = 1")  # fmt: skip
+    argv = ["transfer", str(mup_spec), "--target-width", "32", "--tune", "--sp"]
+    assert main([*argv, "--sp-spec", str(sp_spec)]) == 0
+    capsys.readouterr()
+    info = json.loads((tmp_path / "mup" / "tuned_transfer_32x1.json").read_text())
+    mup, sp = info["sides"]
+    assert (mup["param"], mup["trials"], mup["tuned_at"]) == ("mup", 3, [16, 1])
+    assert set(mup["hps"]) == {"optim.lr", "param.init_output"}
+    assert (sp["param"], sp["trials"], sp["tuned_at"]) == ("sp", 2, [32, 1])
+    assert set(sp["hps"]) == {"optim.lr"}
+    with RunStore(tmp_path / "sp" / "store.sqlite", create=False) as store:
+        rows = [r for r in store.rows() if r["sweep"] == "t-sp-at-target"]
+    assert len(rows) == 4 and {r["width"] for r in rows} == {32}
+    cells: dict[float, list[float]] = {}
+    for r in rows:
+        cells.setdefault(r["lr"], []).append(r["best_val_loss"])
+    best = min(cells, key=lambda lr: statistics.fmean(cells[lr]))
+    assert sp["hps"]["optim.lr"] == best
+    assert sp["target_loss"] == pytest.approx(statistics.fmean(cells[best]))
+
+    two_sizes = write_spec(tmp_path / "two", sp_grid.replace("24", "[24, 48]") + "lr = 0.01")
+    for extra, message in [
+        (["--sp-spec", str(sp_spec)], "pass --sp with it"),
+        (["--sp", "--sp-spec", str(two_sizes)], "sweeps several sizes"),
+        (["--sp", "--sp-spec", str(mup_spec)], "has no SP runs"),
+    ]:
+        base = [a for a in argv if a != "--sp"]
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    assert main(["transfer", str(mup_spec), "--target-width", "32", "--sp-spec", "x"]) == 2
+    assert "--sp-spec goes with --tune --sp" in capsys.readouterr().err

@@ -171,6 +171,12 @@ def _parser() -> argparse.ArgumentParser:
         help="tune every swept HP (grid and [search]: LR, per-role LR/init multipliers, …) on "
         "the proxy, not only the LR; report each side's tuning FLOPs and wall time",
     )
+    tr.add_argument(
+        "--sp-spec",
+        default=None,
+        help="with --tune --sp: SP's candidates are this spec's SP runs (resized to the target), "
+        "e.g. an LR grid for SP while the main spec searches several HPs for μP",
+    )
     tr.add_argument("--executor", choices=("local", "ray"), default=None, help="default: local")
     tr.add_argument("--workers", type=int, default=None, help="runs at once (0 = auto)")
     tr.add_argument("--address", default=None, help="Ray cluster address (with --executor ray)")
@@ -451,6 +457,9 @@ def _sweep(args: argparse.Namespace) -> int:
 def _transfer(args: argparse.Namespace) -> int:
     from .transfer import run_transfer, run_tuned_transfer
 
+    if args.sp_spec and not args.tune:
+        raise ConfigError("--sp-spec goes with --tune --sp")
+    extra = {"sp_spec": args.sp_spec} if args.tune else {}
     result = (run_tuned_transfer if args.tune else run_transfer)(
         args.spec,
         args.target_width,
@@ -461,6 +470,7 @@ def _transfer(args: argparse.Namespace) -> int:
         executor=args.executor,
         workers=args.workers,
         address=args.address,
+        **extra,
     )
     print("\n".join([*result.lines(), f"wrote {result.path}"]))
     return 0

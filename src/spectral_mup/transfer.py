@@ -342,6 +342,7 @@ def run_tuned_transfer(
     proxy_width: int | None = None,
     proxy_depth: int | None = None,
     sp: bool = False,
+    sp_spec: str | Path | None = None,
     executor: str | None = None,
     workers: int | None = None,
     address: str | None = None,
@@ -349,23 +350,37 @@ def run_tuned_transfer(
 ) -> TunedResult:
     """Tune every swept HP (the spec's grid and [search] trials: LR, per-role multipliers,
     init, …) on the proxy under μP and train the target with the winner; with ``sp``, tune
-    SP *at the target* over the same candidates (the spec's SP runs, resized). Each side
-    reports its tuning compute (training FLOPs and wall time of its tuning runs)."""
+    SP *at the target* over the same candidates (the spec's SP runs, resized), or, with
+    ``sp_spec``, over that spec's SP runs resized to the target (e.g. an LR grid for SP
+    while μP searches several HPs). Each side reports its tuning compute (training FLOPs
+    and wall time of its tuning runs)."""
     from .data import load_dataset
     from .train import flops_per_token
 
     spec, proxies, target_depth = _prepare(
-        spec_path, target_width, target_depth, proxy_width, proxy_depth, sp
+        spec_path, target_width, target_depth, proxy_width, proxy_depth, sp and sp_spec is None
     )
     p_width, p_depth = proxies[0].config.model.width, proxies[0].config.model.depth
     mup = [r for r in proxies if r.config.param.kind == "mup"]
-    sp_targets = [_target_run(spec, r, target_width, target_depth)
-                  for r in proxies if r.config.param.kind == "sp"]  # fmt: skip
+    sp_from = spec if sp_spec is None else load_spec(sp_spec)
+    if sp_spec is not None:
+        if not sp:
+            raise ConfigError("--sp-spec names SP's candidates; pass --sp with it")
+        sizes = {(r.config.model.width, r.config.model.depth) for r in sp_from.runs}
+        if len(sizes) > 1:
+            raise ConfigError(f"{sp_from.path} sweeps several sizes {sorted(sizes)}; keep one")
+    sp_pool = proxies if sp_spec is None else sp_from.runs
+    sp_targets = [_target_run(sp_from, r, target_width, target_depth)
+                  for r in sp_pool if r.config.param.kind == "sp"] if sp else []  # fmt: skip
+    if sp and not sp_targets:
+        raise ConfigError(f"{sp_from.path} has no SP runs (grid param); add param = ['sp']")
 
-    def sweep(runs: list[Run], name: str) -> dict[str, dict[str, Any]]:
-        run_sweep(dataclasses.replace(spec, name=name, runs=runs), executor=executor,
+    def sweep(
+        runs: list[Run], name: str, where: SweepSpec = spec
+    ) -> dict[str, dict[str, Any]]:
+        run_sweep(dataclasses.replace(where, name=name, runs=runs), executor=executor,
                   workers=workers, address=address, progress=progress)  # fmt: skip
-        with RunStore(spec.store, create=False) as store:
+        with RunStore(where.store, create=False) as store:
             ids = {r.id for r in runs}
             return {row["id"]: row for row in store.rows() if row["id"] in ids}
 
@@ -403,7 +418,7 @@ def run_tuned_transfer(
         sides.append(_tuned(side, (p_width, p_depth), n, runs, winner, loss, targets,
                             target_rows, tuning, final))  # fmt: skip
     if sp:
-        sp_rows = sweep(sp_targets, f"{spec.name}-sp-at-target")
+        sp_rows = sweep(sp_targets, f"{sp_from.name}-sp-at-target", sp_from)
         by_side: dict[tuple, list[Run]] = {}
         for r in sp_targets:
             by_side.setdefault(_side(r), []).append(r)
