@@ -375,9 +375,7 @@ def run_tuned_transfer(
     if sp and not sp_targets:
         raise ConfigError(f"{sp_from.path} has no SP runs (grid param); add param = ['sp']")
 
-    def sweep(
-        runs: list[Run], name: str, where: SweepSpec = spec
-    ) -> dict[str, dict[str, Any]]:
+    def sweep(runs: list[Run], name: str, where: SweepSpec = spec) -> dict[str, dict[str, Any]]:
         run_sweep(dataclasses.replace(where, name=name, runs=runs), executor=executor,
                   workers=workers, address=address, progress=progress)  # fmt: skip
         with RunStore(where.store, create=False) as store:
