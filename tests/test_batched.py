@@ -146,3 +146,57 @@ def test_train_stacked_gives_each_runs_result(tmp_path):
         if name.endswith("c_attn.bias"):  # moves it by the sign of rounding noise
             continue
         torch.testing.assert_close(weights[name], q, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def _stack_vs_single(tmp_path, optimizer, lrs, mode):
+    """Three runs (LR, decay and seed each their own) through train.run and as one stack."""
+    from spectral_mup.batched import train_stacked
+    from spectral_mup.config import build_config, load_config
+    from spectral_mup.train import run
+
+    base = load_config(None).to_dict()
+    base["model"].update(width=16, depth=1, n_heads=2, block_size=16)
+    base["param"].update(base_width=16, base_depth=1)
+    base["optim"]["name"] = optimizer
+    base["train"].update(batch_size=4, max_iters=30, eval_interval=10, eval_iters=2,
+                         warmup_iters=3, progress=False, patience=0)  # fmt: skip
+    cfgs, want = [], []
+    for i, (lr, wd) in enumerate(zip(lrs, (0.0, 0.1, 0.0), strict=True)):
+        values = {s: dict(v) for s, v in base.items()}
+        values["optim"].update(lr=lr, weight_decay=wd)
+        values["train"].update(seed=i, out_dir=str(tmp_path / f"single{i}"))
+        want.append(run(build_config(values), log=None))
+        values["train"]["out_dir"] = str(tmp_path / f"stacked{i}")
+        cfgs.append(build_config(values))
+    return train_stacked(cfgs, mode=mode), want
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "lrs", "rel"),
+    [
+        # measured max relative difference of best/final val and final train loss at 1 and
+        # 2 threads in brackets; the bound leaves ≥ 10× room
+        ("adamw", (0.004, 0.016, 50.0), 1e-5),  # [4.1e-8]
+        ("sophia", (0.004, 0.016, 50.0), 1e-5),  # [3.5e-8] Hessian labels from each run's RNG
+        ("lamb", (0.004, 0.016, 50.0), 1e-5),  # [1.2e-7]
+        ("shampoo", (0.01, 0.04, 500.0), 2e-4),  # [1.2e-5]
+        ("soap", (0.004, 0.016, 50.0), 3e-3),  # [1.7e-4] eigenbases amplify rounding
+        ("muon", (0.01, 0.04, 0.02), 1e-5),  # [5.9e-8] (at LR 500 it runs on, chaotic)
+    ],
+)
+def test_stacked_runs_mode_steps_each_runs_own_optimizer(tmp_path, optimizer, lrs, rel):
+    """mode="runs": each run's own optimizer (any class) and LR schedule on its own model
+    inside the stack; results equal train.run's per run, divergence included."""
+    got, want = _stack_vs_single(tmp_path, optimizer, lrs, "runs")
+    for g, w in zip(got, want, strict=True):
+        assert (g["status"], g["diverged_at"], g["iters"]) == (
+            w["status"], w["diverged_at"], w["iters"]
+        )  # fmt: skip
+        for key in ("best_val_loss", "final_val_loss", "final_train_loss"):
+            if w[key] is None:
+                assert g[key] is None
+            else:
+                assert g[key] == pytest.approx(w[key], rel=rel), key
+        assert g["history"]["lr"] == pytest.approx(w["history"]["lr"], rel=1e-12)
+    if optimizer != "muon":
+        assert [r["status"] for r in got] == ["ok", "ok", "diverged"]

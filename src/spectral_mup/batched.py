@@ -51,44 +51,68 @@ def _stacked(tensors: Sequence[torch.Tensor]) -> nn.Parameter:
     return nn.Parameter(torch.stack([t.detach() for t in tensors]).contiguous())
 
 
-class StackedLinear(nn.Module):
-    def __init__(self, layers: Sequence[nn.Linear], shape: _Shape):
+class _StackedLayer(nn.Module):
+    """A layer of K runs. Its tensors ``[K, ...]`` are either its own parameters (one
+    optimizer steps all runs: SliceLR) or, with ``leaves``, stacked at every forward from
+    the K runs' own parameters (each run's own optimizer steps them, any optimizer)."""
+
+    def _take(self, layers: Sequence[nn.Module], names: Sequence[str], leaves: bool) -> None:
+        self._leaves: dict[str, list[nn.Parameter]] = {}
+        for name in names:
+            tensors = [getattr(m, name) for m in layers]
+            if tensors[0] is None:
+                setattr(self, name, None)
+            elif leaves:
+                self._leaves[name] = tensors
+            else:
+                setattr(self, name, _stacked(tensors))
+
+    def tensor(self, name: str) -> torch.Tensor | None:
+        if name in self._leaves:
+            return torch.stack(self._leaves[name])
+        return getattr(self, name)
+
+
+class StackedLinear(_StackedLayer):
+    def __init__(self, layers: Sequence[nn.Linear], shape: _Shape, leaves: bool = False):
         super().__init__()
         self.shape = shape
-        self.weight = _stacked([m.weight for m in layers])  # [K, out, in]
-        self.bias = _stacked([m.bias for m in layers]) if layers[0].bias is not None else None
+        self._take(layers, ("weight", "bias"), leaves)  # weight [K, out, in]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, lead = self.shape.k, x.shape[:-1]
         xk = x.reshape(k, -1, x.shape[-1])
-        wt = self.weight.transpose(1, 2)
-        y = torch.bmm(xk, wt) if self.bias is None else torch.baddbmm(self.bias[:, None], xk, wt)
+        wt, bias = self.tensor("weight").transpose(1, 2), self.tensor("bias")
+        y = torch.bmm(xk, wt) if bias is None else torch.baddbmm(bias[:, None], xk, wt)
         return y.reshape(*lead, y.shape[-1])
 
 
-class StackedEmbedding(nn.Module):
-    def __init__(self, layers: Sequence[nn.Embedding], shape: _Shape):
+class StackedEmbedding(_StackedLayer):
+    def __init__(self, layers: Sequence[nn.Embedding], shape: _Shape, leaves: bool = False):
         super().__init__()
         if any(m.padding_idx is not None or m.max_norm is not None for m in layers):
             raise NotBatchable("an Embedding with padding_idx or max_norm cannot be stacked")
         self.shape = shape
-        self.weight = _stacked([m.weight for m in layers])  # [K, num, dim]
+        self._take(layers, ("weight",), leaves)  # [K, num, dim]
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         k, b = self.shape.k, self.shape.b
+        weight = self.tensor("weight")
         rows = torch.arange(k, device=idx.device)
         if idx.dim() == 1:  # shared positions (GPT's wpe): the same rows for every batch item
-            out = self.weight[:, idx]  # [K, T, dim]
+            out = weight[:, idx]  # [K, T, dim]
             return out[:, None].expand(k, b, *out.shape[1:]).reshape(k * b, *out.shape[1:])
         ik = idx.reshape(k, -1)
-        out = self.weight[rows[:, None], ik]  # [K, B·…, dim]
+        out = weight[rows[:, None], ik]  # [K, B·…, dim]
         return out.reshape(*idx.shape, out.shape[-1])
 
 
-class StackedNorm(nn.Module):
+class StackedNorm(_StackedLayer):
     """LayerNorm or RMSNorm over the last dimension with per-run gain (and bias)."""
 
-    def __init__(self, layers: Sequence[nn.LayerNorm | nn.RMSNorm], shape: _Shape):
+    def __init__(
+        self, layers: Sequence[nn.LayerNorm | nn.RMSNorm], shape: _Shape, leaves: bool = False
+    ):
         super().__init__()
         first = layers[0]
         if len(first.normalized_shape) != 1:
@@ -96,20 +120,27 @@ class StackedNorm(nn.Module):
         self.shape, self.rms = shape, isinstance(first, nn.RMSNorm)
         self.eps = first.eps
         self.dim = first.normalized_shape[0]
-        affine = first.weight is not None
-        self.weight = _stacked([m.weight for m in layers]) if affine else None
-        bias = getattr(first, "bias", None)
-        self.bias = _stacked([m.bias for m in layers]) if bias is not None else None
+        if getattr(first, "bias", None) is None:
+            layers = [_NoBias(m) for m in layers]
+        self._take(layers, ("weight", "bias"), leaves)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dims = (self.dim,)
         y = F.rms_norm(x, dims, eps=self.eps) if self.rms else F.layer_norm(x, dims, eps=self.eps)
         yk = y.reshape(self.shape.k, -1, self.dim)
-        if self.weight is not None:
-            yk = yk * self.weight[:, None]
-        if self.bias is not None:
-            yk = yk + self.bias[:, None]
+        weight, bias = self.tensor("weight"), self.tensor("bias")
+        if weight is not None:
+            yk = yk * weight[:, None]
+        if bias is not None:
+            yk = yk + bias[:, None]
         return yk.reshape(x.shape)
+
+
+class _NoBias:
+    """A norm seen through ``_take``: its weight, and no bias (RMSNorm has no attribute)."""
+
+    def __init__(self, norm: nn.Module):
+        self.weight, self.bias = norm.weight, None
 
 
 _LAYERS: dict[type, type] = {
@@ -124,9 +155,10 @@ class Stacked(nn.Module):
     """K models of one shape as one: ``forward(x)`` takes ``[K, B, ...]`` inputs and returns
     ``[K, B, ...]`` outputs, run k's from its own weights (``stack``)."""
 
-    def __init__(self, inner: nn.Module, shape: _Shape):
+    def __init__(self, inner: nn.Module, shape: _Shape, singles: Sequence[nn.Module] = ()):
         super().__init__()
         self.inner, self.shape = inner, shape
+        self.singles = list(singles)  # leaves mode: the runs' own models (not submodules)
 
     @property
     def k(self) -> int:
@@ -141,12 +173,17 @@ class Stacked(nn.Module):
 
     def run_state(self, k: int) -> dict[str, torch.Tensor]:
         """Run k's weights under the single model's parameter names (its state_dict)."""
+        if self.singles:
+            return {n: q.detach().clone() for n, q in self.singles[k].named_parameters()}
         return {name: q[k].detach().clone() for name, q in self.inner.named_parameters()}
 
 
-def stack(models: Sequence[nn.Module]) -> Stacked:
+def stack(models: Sequence[nn.Module], *, leaves: bool = False) -> Stacked:
     """The K models as one ``Stacked`` model (module docstring). Every model must have the
-    same structure and parameter shapes; roles (``smup_roles``) follow the first model."""
+    same structure and parameter shapes; roles (``smup_roles``) follow the first model.
+    ``leaves``: the stack computes with the models' own parameters (stacked at every
+    forward), so each run's own optimizer, whatever it is, steps its own model; otherwise
+    the stack holds copies ``[K, ...]`` under the single model's names (``SliceLR``)."""
     if not models:
         raise NotBatchable("nothing to stack")
     names = [n for n, _ in models[0].named_parameters()]
@@ -156,6 +193,9 @@ def stack(models: Sequence[nn.Module]) -> Stacked:
             q.shape for _, q in m.named_parameters()
         ] != shapes:
             raise NotBatchable("the models differ in their parameters; only one shape stacks")
+    every = [n for n, _ in models[0].named_parameters(remove_duplicate=False)]
+    if len(every) != len(names):  # a parameter shared by two layers (a tied head)
+        raise NotBatchable("a model with shared (tied) parameters cannot be stacked")
     shape = _Shape(len(models))
     inner = copy.deepcopy(models[0])
     per_model = [dict(m.named_modules()) for m in models]
@@ -169,13 +209,10 @@ def stack(models: Sequence[nn.Module]) -> Stacked:
                 f"{name or 'the model'} ({type(module).__name__}) holds parameters in a layer "
                 f"that cannot be stacked (only {', '.join(t.__name__ for t in _LAYERS)})"
             )
-        stacked = kind([pm[name] for pm in per_model], shape)
+        stacked = kind([pm[name] for pm in per_model], shape, leaves)
         parent, _, attr = name.rpartition(".")
         setattr(inner.get_submodule(parent) if parent else inner, attr, stacked)
-    every = [n for n, _ in models[0].named_parameters(remove_duplicate=False)]
-    if len(every) != len(names):  # a parameter shared by two layers (a tied head)
-        raise NotBatchable("a model with shared (tied) parameters cannot be stacked")
-    return Stacked(inner, shape)
+    return Stacked(inner, shape, models if leaves else ())
 
 
 # ------------------------------------------------------------------- per-run LR and decay
@@ -332,53 +369,148 @@ def stack_key(cfg: Any) -> str:
 
 def check_stackable(cfgs: Sequence[Any]) -> None:
     """NotBatchable unless the runs can train as one stack (no gradient accumulation, no
-    compile, no pause; the same shape, data and schedule)."""
+    compile, no pause, no dropout, one process; the same shape, data and schedule)."""
     if len({stack_key(c) for c in cfgs}) != 1:
         raise NotBatchable("the runs differ beyond LR, weight decay, seed and multipliers")
     t = cfgs[0].train
     if t.grad_accum != 1 or t.compile or t.stop_at:
         raise NotBatchable("grad_accum > 1, compile or stop_at runs train one by one")
+    # a stack draws one dropout mask for all runs' rows: same distribution, other numbers
+    if getattr(cfgs[0].model, "dropout", 0.0):
+        raise NotBatchable("runs with dropout train one by one (their masks would differ)")
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise NotBatchable("stacked runs train in one process, not under torchrun")
 
 
-def train_stacked(cfgs: Sequence[Any], log=None) -> list[dict[str, Any]]:
+class _SliceSteps:
+    """Steps of the stacked tensors by one LR-linear optimizer (``SliceLR``)."""
+
+    def __init__(self, stacked: Stacked, opts: Sequence[torch.optim.Optimizer], cfgs):
+        from .train import lr_factor
+
+        self.stacked, self.opt = stacked, stacked_optimizer(stacked, opts)
+        self.first_lr = [o.param_groups[0]["lr"] for o in opts]
+        self.factors = [lr_factor(cfg) for cfg in cfgs]
+        self.clip = cfgs[0].train.grad_clip
+
+    def zero_grad(self) -> None:
+        self.opt.opt.zero_grad(set_to_none=True)
+
+    def step(self, it: int, active: torch.Tensor, x: torch.Tensor, forward) -> list[float]:
+        if self.clip > 0:
+            _clip_per_run(self.stacked, self.clip, active)
+        now = torch.tensor([f(it) for f in self.factors], dtype=torch.float64)
+        self.opt.step(now, active)
+        return [lr * float(f) for lr, f in zip(self.first_lr, now, strict=True)]
+
+
+class _RunSteps:
+    """Each run's own optimizer and LR schedule on its own model (``stack(leaves=True)``),
+    as ``train.run`` steps them: any optimizer, Sophia's Hessian estimates included."""
+
+    def __init__(self, stacked: Stacked, opts: Sequence[torch.optim.Optimizer], cfgs, rngs):
+        from .train import lr_factor
+
+        self.stacked, self.opts = stacked, list(opts)
+        self.scheds = [torch.optim.lr_scheduler.LambdaLR(o, lr_factor(c))
+                       for o, c in zip(opts, cfgs, strict=True)]  # fmt: skip
+        self.clip = cfgs[0].train.grad_clip
+        self.rngs = rngs  # each run's global-RNG stream (Sophia draws its labels' uniforms)
+        self.every = getattr(opts[0], "hessian_interval", 0)
+
+    def zero_grad(self) -> None:
+        for o in self.opts:
+            o.zero_grad(set_to_none=True)
+
+    def _clip(self, i: int) -> None:
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.stacked.singles[i].parameters(), self.clip)
+
+    def step(self, it: int, active: torch.Tensor, x: torch.Tensor, forward) -> list[float]:
+        lrs = []
+        for i, (o, sched) in enumerate(zip(self.opts, self.scheds, strict=True)):
+            lrs.append(sched.get_last_lr()[0])
+            if active[i]:
+                self._clip(i)
+                o.step()
+        if self.every and it % self.every == self.every - 1:
+            self._hessian(active, x, forward)
+        for i, sched in enumerate(self.scheds):
+            if active[i]:
+                sched.step()
+        return lrs
+
+    def _hessian(self, active: torch.Tensor, x: torch.Tensor, forward) -> None:
+        """train.update_hessian for every active run at once: labels sampled from each
+        run's own predictions with uniforms from its own RNG stream."""
+        k = self.stacked.k
+        u = torch.stack([torch.rand(x.shape[1:], generator=g) for g in self.rngs]).to(x.device)
+        self.zero_grad()
+        logits = forward(x).float()
+        flat = logits.reshape(k, -1, logits.size(-1))
+        cdf = torch.softmax(flat.detach(), dim=-1).cumsum(-1)
+        sampled = torch.searchsorted(cdf, u.reshape(k, -1, 1) * cdf[..., -1:]).squeeze(-1)
+        sampled = sampled.clamp_(max=flat.size(-1) - 1)
+        per = F.cross_entropy(flat.reshape(-1, flat.size(-1)), sampled.reshape(-1),
+                              reduction="none").view(k, -1).mean(1)  # fmt: skip
+        per.masked_fill(~active.to(per.device), 0.0).sum().backward()
+        for i, o in enumerate(self.opts):
+            if active[i]:
+                self._clip(i)
+                o.update_hessian()
+        self.zero_grad()
+
+
+def train_stacked(cfgs: Sequence[Any], log=None, *, mode: str = "auto") -> list[dict[str, Any]]:
     """Train the runs ``cfgs`` (RunConfigs, ``check_stackable``) as one stack; return and
     write (``out_dir/result.json``, and ``model.pt`` for an ``ok`` run) each run's result,
     as ``train.run`` would: its own init (``train.seed``), training and eval batches, LR
     schedule, loss ceiling, divergence, patience and grad clipping. A diverged or stopped run
     is masked out (its weights stay) while the others go on. Each result's ``wall_time`` is
     the stack's divided by K (the compute is shared). No checkpoints: a killed stack starts
-    over."""
+    over.
+
+    ``mode``: ``"slices"`` steps the stacked tensors with one LR-linear optimizer
+    (``SliceLR``: AdamW, Adam, Lion, SGD, ADOPT; NotBatchable for any other), ``"runs"``
+    steps each run's own optimizer on its own model (every optimizer), ``"auto"`` slices
+    when the optimizer allows it."""
     import math
     import time
     from pathlib import Path
 
     from .data import load_dataset
     from .fileio import save_torch, write_json
-    from .train import (
-        RESULT,
-        WEIGHTS,
-        _autocast,
-        build_model,
-        build_run_optimizer,
-        eval_generator,
-        lr_factor,
-    )
+    from .train import RESULT, WEIGHTS, _autocast, build_model, build_run_optimizer, eval_generator
 
+    if mode not in ("auto", "slices", "runs"):
+        raise ValueError(f"mode must be auto, slices or runs, got {mode!r}")
     check_stackable(cfgs)
     k = len(cfgs)
     c0, t0 = cfgs[0], cfgs[0].train
     device = torch.device(t0.device)
     data = load_dataset(c0.data.path or None, vocab_size=c0.data.vocab_size or None)
-    singles, opts = [], []
+    singles, opts, rngs = [], [], []
     for cfg in cfgs:
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg, data.vocab_size).to(device)
         singles.append(model)
         opts.append(build_run_optimizer(cfg, model))
-    stacked = stack(singles).to(device)
-    opt = stacked_optimizer(stacked, opts)
+        rngs.append(torch.Generator().set_state(torch.get_rng_state()))
+    if mode == "auto":
+        try:
+            _decay_mode(opts[0])
+            mode = "slices"
+        except NotBatchable:
+            mode = "runs"
+    if mode == "slices":
+        stacked = stack(singles).to(device)
+        steps: _SliceSteps | _RunSteps = _SliceSteps(stacked, opts, cfgs)
+    else:
+        stacked = stack(singles, leaves=True).to(device)
+        steps = _RunSteps(stacked, opts, cfgs, rngs)
     del singles, opts
-    factors = [lr_factor(cfg) for cfg in cfgs]
     gens = [torch.Generator().manual_seed(cfg.train.seed) for cfg in cfgs]
     ceilings = [cfg.train.loss_ceiling or 2.0 * math.log(data.vocab_size) for cfg in cfgs]
     active = torch.ones(k, dtype=torch.bool)
@@ -386,12 +518,14 @@ def train_stacked(cfgs: Sequence[Any], log=None) -> list[dict[str, Any]]:
     best = [(math.inf, 0) for _ in cfgs]
     status, stop, diverged_at = ["ok"] * k, ["max_iters"] * k, [None] * k
     iters = [0] * k
-    since_eval: list[list[float]] = [[] for _ in cfgs]
     block, bs = c0.model.block_size, t0.batch_size
 
-    def losses(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(x: torch.Tensor) -> torch.Tensor:
         with _autocast(c0):
-            logits = stacked(x.to(device))
+            return stacked(x.to(device))
+
+    def losses(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = forward(x)
         flat = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
                                y.to(device).reshape(-1), reduction="none")  # fmt: skip
         return flat.view(k, -1).mean(1)
@@ -418,7 +552,7 @@ def train_stacked(cfgs: Sequence[Any], log=None) -> list[dict[str, Any]]:
             break
         xy = [data.get_batch("train", bs, block, g) for g in gens]
         x, y = torch.stack([a for a, _ in xy]), torch.stack([b for _, b in xy])
-        opt.opt.zero_grad(set_to_none=True)
+        steps.zero_grad()
         per_run = losses(x, y)
         values = per_run.detach().double().cpu().tolist()
         for i in range(k):
@@ -428,26 +562,21 @@ def train_stacked(cfgs: Sequence[Any], log=None) -> list[dict[str, Any]]:
         if not active.any():
             break
         per_run.masked_fill(~active.to(per_run.device), 0.0).sum().backward()
-        if t0.grad_clip > 0:
-            _clip_per_run(stacked, t0.grad_clip, active)
-        lr_now = torch.tensor([f(it) for f in factors], dtype=torch.float64)
-        for i in range(k):
-            if active[i]:
-                hist[i]["lr"].append(cfgs[i].optim.lr * float(lr_now[i]))
-        opt.step(lr_now, active)
+        lrs = steps.step(it, active, x, forward)
         done = it + 1
         for i in range(k):
             if active[i]:
                 iters[i] = done
+                hist[i]["lr"].append(lrs[i])
                 hist[i]["train_loss"].append(values[i])
-                since_eval[i].append(values[i])
         if done % t0.eval_interval == 0 or done == t0.max_iters:
             vals = evaluate()
             for i in range(k):
                 if not active[i]:
                     continue
                 hist[i]["val"].append([done, vals[i]])
-                since_eval[i] = []
+                if isinstance(steps, _RunSteps) and steps.every:
+                    hist[i]["win_rate"].append([done, steps.opts[i].last_win_rate])
                 if vals[i] < best[i][0]:
                     best[i] = (vals[i], done)
                 if not math.isfinite(vals[i]) or vals[i] > ceilings[i]:
@@ -457,7 +586,7 @@ def train_stacked(cfgs: Sequence[Any], log=None) -> list[dict[str, Any]]:
                     stop[i], active[i] = "early_stop", False
     elapsed = time.perf_counter() - start
     results = []
-    num_params = sum(q[0].numel() for q in stacked.parameters())
+    num_params = sum(q.numel() for q in stacked.run_state(0).values())
     for i, cfg in enumerate(cfgs):
         out = Path(cfg.train.out_dir)
         tail = hist[i]["train_loss"][-min(len(hist[i]["train_loss"]), cfg.train.eval_interval) :]

@@ -1,0 +1,166 @@
+"""Train-step throughput of spectral-mup's training (train.run) against a nanoGPT-equivalent.
+
+The reference is a plain GPT written here to nanoGPT's model.py semantics (nothing fetched,
+nothing vendored): learned positions, pre-LayerNorm blocks with biases, fused q/k/v, SDPA
+with ``is_causal``, GELU MLP ×4, tied embedding/head, N(0, 0.02) init with c_proj scaled by
+1/sqrt(2·depth), and nanoGPT's loop: sample a batch, forward with the loss inside, backward,
+clip to 1.0, AdamW (decay and no-decay groups, betas 0.9/0.95) with the LR set per group
+every step, ``zero_grad(set_to_none=True)``. Ours is ``train.run`` itself (its wall time
+covers the step loop and one 1-batch eval at the end, not model build or data load) on the
+same shapes: SP with tied weights (nanoGPT's architecture exactly) and μP (the sweeps'
+default, untied head). Trials alternate between the models (median of ``--trials``), one
+process, ``--threads`` torch threads.
+
+    SMUP_DATA_DIR=../shared/data python benchmarks/nanogpt_parity.py --widths 64,128,256,512
+
+Prints tokens/s per model and ours ÷ reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spectral_mup.config import build_config
+from spectral_mup.data import load_dataset
+from spectral_mup.train import run
+
+
+class RefAttention(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.c_attn = nn.Linear(d, 3 * d)
+        self.c_proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.c_attn(x).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(b, t, d))
+
+
+class RefBlock(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = RefAttention(d, heads)
+        self.c_fc, self.gelu, self.c_proj = nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.c_proj(self.gelu(self.c_fc(self.ln_2(x))))
+
+
+class RefGPT(nn.Module):
+    def __init__(self, vocab: int, block: int, d: int, depth: int, heads: int):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(block, d)
+        self.h = nn.ModuleList(RefBlock(d, heads) for _ in range(depth))
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.wte.weight = self.lm_head.weight  # tied, as nanoGPT
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        for name, q in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(q, std=0.02 / math.sqrt(2 * depth))
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        for block in self.h:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+
+
+def reference_seconds(data, width: int, args) -> float:
+    torch.manual_seed(0)
+    model = RefGPT(data.vocab_size, args.block, width, args.depth, args.heads)
+    params = [q for q in model.parameters() if q.requires_grad]
+    groups = [
+        {"params": [q for q in params if q.dim() >= 2], "weight_decay": 0.1},
+        {"params": [q for q in params if q.dim() < 2], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95))
+    train = torch.from_numpy(np.asarray(data.train, dtype=np.int64))  # nanoGPT: from a memmap
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    start = time.perf_counter()
+    for it in range(args.steps):
+        ix = torch.randint(len(train) - args.block, (args.batch,), generator=gen)
+        x = torch.stack([train[i : i + args.block] for i in ix.tolist()])
+        y = torch.stack([train[i + 1 : i + 1 + args.block] for i in ix.tolist()])
+        lr = 1e-3 * min(1.0, (it + 1) / 10)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()  # nanoGPT reads the loss every log_interval; ours reads it every step
+    return time.perf_counter() - start
+
+
+def ours_seconds(width: int, kind: str, args, root: Path) -> float:
+    cfg = build_config(
+        {
+            "model": {"width": width, "depth": args.depth, "n_heads": args.heads,
+                      "block_size": args.block, "tie_weights": kind == "sp"},
+            "param": {"kind": kind, "base_width": 64, "base_depth": 2},
+            "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.1},
+            "train": {"batch_size": args.batch, "max_iters": args.steps, "warmup_iters": 10,
+                      "eval_interval": args.steps, "eval_iters": 1, "progress": False,
+                      "out_dir": str(root / f"{kind}{width}")},
+        }
+    )  # fmt: skip
+    return run(cfg, log=None)["wall_time"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--widths", default="64,128,256,512")
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--block", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    data = load_dataset(None)
+    root = Path(tempfile.mkdtemp(prefix="nanogpt_parity_"))
+    tokens = args.steps * args.batch * args.block
+    print(f"depth {args.depth}, {args.heads} heads, batch {args.batch}×{args.block}, "
+          f"{args.steps} steps, {args.threads} thread(s), median of {args.trials} interleaved trials")  # fmt: skip
+    print("| width | reference tok/s | ours SP (tied) tok/s | ratio | ours μP tok/s | ratio |")
+    print("|---|---|---|---|---|---|")
+    for width in (int(w) for w in args.widths.split(",")):
+        times: dict[str, list[float]] = {"ref": [], "sp": [], "mup": []}
+        for _ in range(args.trials):
+            times["ref"].append(reference_seconds(data, width, args))
+            times["sp"].append(ours_seconds(width, "sp", args, root))
+            times["mup"].append(ours_seconds(width, "mup", args, root))
+        rate = {k: tokens / statistics.median(v) for k, v in times.items()}
+        print(f"| {width} | {rate['ref']:.0f} | {rate['sp']:.0f} | {rate['sp'] / rate['ref']:.3f}× "
+              f"| {rate['mup']:.0f} | {rate['mup'] / rate['ref']:.3f}× |", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
