@@ -139,6 +139,13 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("spec", help="sweep spec TOML (see configs/sweeps/)")
     sw.add_argument("--executor", choices=("local", "ray"), default=None, help="default: local")
     sw.add_argument("--workers", type=int, default=None, help="runs at once (0 = auto)")
+    sw.add_argument(
+        "--batch-runs",
+        type=int,
+        default=None,
+        help="runs of one shape trained as one stack per worker: 0 = auto (where it measured "
+        "faster), 1 = one run at a time, K = up to K (default: the spec's, else auto)",
+    )
     sw.add_argument("--address", default=None, help="Ray cluster address (with --executor ray)")
     sw.add_argument("--dry-run", action="store_true", help="list the runs; train nothing")
     sw.add_argument(
@@ -449,7 +456,8 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         print("\n".join(dry_run_lines(spec)))
         return 0
-    summary = run_sweep(spec, executor=args.executor, workers=args.workers, address=args.address)
+    summary = run_sweep(spec, executor=args.executor, workers=args.workers, address=args.address,
+                        batch_runs=args.batch_runs)  # fmt: skip
     print(summary.line())
     return 1 if summary.lost else 0
 

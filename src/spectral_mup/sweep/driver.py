@@ -16,6 +16,7 @@ from ..store import RESULTS, RunStore
 from ..train import CHECKPOINT, WEIGHTS
 from .executors import _check_reachable, available_cores, import_ray, run_local, run_ray
 from .spec import EXECUTORS, Run, SweepSpec
+from .stacks import plan
 
 _WEIGHT_FILES = (CHECKPOINT, WEIGHTS)
 
@@ -96,11 +97,13 @@ def run_sweep(
     workers: int | None = None,
     address: str | None = None,
     progress: bool = True,
+    batch_runs: int | None = None,
 ) -> SweepSummary:
     """Run every run of ``spec`` whose id is not stored with a result (``ok`` or
     ``diverged``): new runs and retries of ``failed`` ones; write each row as it arrives
-    (a retry's row replaces the failed one). ``executor``, ``workers`` and ``address``
-    override the spec's."""
+    (a retry's row replaces the failed one). ``executor``, ``workers``, ``address`` and
+    ``batch_runs`` (runs of one shape stacked per task, ``sweep.stacks``; 0 = auto, 1 =
+    one run per task) override the spec's."""
     executor = executor or spec.executor
     if executor not in EXECUTORS:
         raise ConfigError(f"unknown executor {executor!r}; use local or ray")
@@ -108,6 +111,9 @@ def run_sweep(
     if workers < 0:
         raise ConfigError(f"--workers must be >= 0 (0 = auto), got {workers}")
     address = address or spec.address
+    batch_runs = spec.batch_runs if batch_runs is None else batch_runs
+    if batch_runs < 0:
+        raise ConfigError(f"--batch-runs must be >= 0 (0 = auto, 1 = one run), got {batch_runs}")
     if executor == "ray" and not import_ray().is_initialized():
         _check_reachable(address)  # before the store is created
     start = time.perf_counter()
@@ -149,16 +155,18 @@ def run_sweep(
 
             try:
                 if executor == "ray":
+                    tasks = plan(todo, batch_runs, workers or 1)
                     run_ray(
-                        todo,
+                        tasks,
                         workers,
                         on_result,
                         address=address,
                         cpus_per_run=spec.cpus_per_run,
                     )
                 else:
-                    n = workers or min(len(todo), available_cores())
-                    run_local(todo, min(n, len(todo)), on_result)
+                    n = min(workers or available_cores(), len(todo))
+                    tasks = plan(todo, batch_runs, n)
+                    run_local(tasks, min(n, len(tasks)), on_result)
             finally:
                 bar.close()
     summary.wall_time = time.perf_counter() - start

@@ -39,22 +39,31 @@ def execute(cfg: RunConfig) -> dict[str, Any]:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         error = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
         return {"status": "failed", "error": error[:500]}
-    keep = (
-        "status",
-        "best_val_loss",
-        "final_val_loss",
-        "final_train_loss",
-        "diverged_at",
-        "iters",
-        "tokens",
-        "wall_time",
-    )
-    return {k: result.get(k) for k in keep}
+    return {k: result.get(k) for k in KEEP}
 
 
-def _execute_with_threads(cfg: RunConfig, threads: int) -> dict[str, Any]:
+# a run's result as the driver stores it
+KEEP = (
+    "status",
+    "best_val_loss",
+    "final_val_loss",
+    "final_train_loss",
+    "diverged_at",
+    "iters",
+    "tokens",
+    "wall_time",
+)
+
+
+def _task(cfgs: list[RunConfig]) -> list[dict[str, Any]]:
+    from .stacks import execute_task
+
+    return execute_task(cfgs)
+
+
+def _task_with_threads(cfgs: list[RunConfig], threads: int) -> list[dict[str, Any]]:
     _set_threads(threads)
-    return execute(cfg)
+    return _task(cfgs)
 
 
 def _set_threads(threads: int) -> None:
@@ -66,6 +75,12 @@ def _set_threads(threads: int) -> None:
 # ----------------------------------------------------------------------------- executors
 
 OnResult = Callable[[Run, dict[str, Any] | None], None]  # None: the run was lost
+Task = list[Run]  # runs trained together (sweep.stacks: one, or a stack of one shape)
+
+
+def _report(task: Task, results: list[dict[str, Any]] | None, on_result: OnResult) -> None:
+    for i, run in enumerate(task):
+        on_result(run, None if results is None else results[i])
 
 
 def available_cores() -> int:
@@ -75,9 +90,9 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def run_local(runs: list[Run], workers: int, on_result: OnResult) -> None:
+def run_local(tasks: list[Task], workers: int, on_result: OnResult) -> None:
     """A spawn process pool of ``workers`` processes, each with cores // workers torch
-    threads; one worker runs in this process."""
+    threads, training one task at a time; one worker runs in this process."""
     threads = max(1, available_cores() // workers)
     if workers == 1:
         import torch
@@ -85,8 +100,8 @@ def run_local(runs: list[Run], workers: int, on_result: OnResult) -> None:
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            for run in runs:
-                on_result(run, execute(run.config))
+            for task in tasks:
+                _report(task, _task([r.config for r in task]), on_result)
         finally:
             torch.set_num_threads(before)
         return
@@ -101,16 +116,18 @@ def run_local(runs: list[Run], workers: int, on_result: OnResult) -> None:
     in_main = threading.current_thread() is threading.main_thread()
     old_handler = signal.signal(signal.SIGTERM, _exit_on_signal) if in_main else None
     try:
-        futures: dict[Future, Run] = {pool.submit(execute, run.config): run for run in runs}
+        futures: dict[Future, Task] = {
+            pool.submit(_task, [r.config for r in task]): task for task in tasks
+        }
         pending = set(futures)
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 try:
-                    result = future.result()
+                    results = future.result()
                 except BrokenProcessPool:
-                    result = None
-                on_result(futures[future], result)
+                    results = None
+                _report(futures[future], results, on_result)
     except BaseException:
         # Ctrl-C or a store error: stop the runs in flight (they resume from their
         # checkpoints next time) instead of waiting for them to finish
@@ -155,14 +172,14 @@ def _check_reachable(address: str | None) -> None:
 
 
 def run_ray(
-    runs: list[Run],
+    tasks: list[Task],
     workers: int,
     on_result: OnResult,
     *,
     address: str | None = None,
     cpus_per_run: int = 0,
 ) -> None:
-    """Each run a Ray task (``num_cpus`` = ``cpus_per_run``, else the cluster's CPUs //
+    """Each task a Ray task (``num_cpus`` = ``cpus_per_run``, else the cluster's CPUs //
     ``workers``, else 1), at most ``workers`` in flight; results return to the driver."""
     ray = import_ray()
     started = False
@@ -192,22 +209,22 @@ def run_ray(
             cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
         else:
             cpus = 1
-        task = ray.remote(num_cpus=cpus, max_retries=0)(_execute_with_threads)
-        limit = workers or len(runs)
-        queue = list(runs)
-        in_flight: dict[Any, Run] = {}
+        remote = ray.remote(num_cpus=cpus, max_retries=0)(_task_with_threads)
+        limit = workers or len(tasks)
+        queue = list(tasks)
+        in_flight: dict[Any, Task] = {}
         while queue or in_flight:
             while queue and len(in_flight) < limit:
-                run = queue.pop(0)
-                in_flight[task.remote(run.config, cpus)] = run
+                task = queue.pop(0)
+                in_flight[remote.remote([r.config for r in task], cpus)] = task
             done, _ = ray.wait(list(in_flight), num_returns=1)
             for ref in done:
-                run = in_flight.pop(ref)
+                task = in_flight.pop(ref)
                 try:
-                    result = ray.get(ref)
+                    results = ray.get(ref)
                 except ray.exceptions.RayError:  # the worker died; the task is not a result
-                    result = None
-                on_result(run, result)
+                    results = None
+                _report(task, results, on_result)
     finally:
         if started:
             ray.shutdown()

@@ -52,6 +52,7 @@ _SWEEP_KEYS = (
     "address",
     "cpus_per_run",
     "keep_weights",
+    "batch_runs",
 )
 _BUDGET_KEYS = ("steps", "tokens", "patience")
 _SET_BY_SWEEP = {
@@ -88,6 +89,7 @@ class SweepSpec:
     address: str | None = None
     cpus_per_run: int = 0
     keep_weights: bool = False
+    batch_runs: int = 0  # runs stacked per task (sweep.stacks): 0 = auto, 1 = none
 
 
 # ----------------------------------------------------------------------------- run ids
@@ -137,6 +139,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     out_dir = Path(_string(sweep, "out_dir", f"runs/sweeps/{name}", path))
     workers = _count(sweep, "workers", path)
     cpus_per_run = _count(sweep, "cpus_per_run", path)
+    batch_runs = _count(sweep, "batch_runs", path)
     executor = _string(sweep, "executor", "local", path)
     if executor not in EXECUTORS:
         raise ConfigError(f"{path}: sweep.executor must be local or ray, got {executor!r}")
@@ -203,6 +206,7 @@ def load_spec(path: str | Path) -> SweepSpec:
         address=address,
         cpus_per_run=cpus_per_run,
         keep_weights=keep_weights,
+        batch_runs=batch_runs,
     )
 
 
