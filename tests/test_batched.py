@@ -200,3 +200,57 @@ def test_stacked_runs_mode_steps_each_runs_own_optimizer(tmp_path, optimizer, lr
         assert g["history"]["lr"] == pytest.approx(w["history"]["lr"], rel=1e-12)
     if optimizer != "muon":
         assert [r["status"] for r in got] == ["ok", "ok", "diverged"]
+
+
+@pytest.mark.parametrize("mode", ["slices", "runs"])
+def test_a_killed_stack_resumes_from_its_checkpoint_bit_for_bit(tmp_path, monkeypatch, mode):
+    """A stack killed right after its second checkpoint (step 20 of 30) resumes from it:
+    the same results as an uninterrupted stack, to the bit; the checkpoint is deleted at
+    the end. A checkpoint of other runs is ignored (the stack starts over)."""
+    import spectral_mup.batched as B
+    from spectral_mup.config import build_config, load_config
+
+    base = load_config(None).to_dict()
+    base["model"].update(width=16, depth=1, n_heads=2, block_size=16)
+    base["param"].update(base_width=16, base_depth=1)
+    base["train"].update(batch_size=4, max_iters=30, eval_interval=10, eval_iters=2,
+                         warmup_iters=3, progress=False, patience=0)  # fmt: skip
+
+    def configs(tag):
+        out = []
+        for i, lr in enumerate((0.004, 0.016, 50.0)):
+            values = {s: dict(v) for s, v in base.items()}
+            values["optim"]["lr"] = lr
+            values["train"].update(seed=i, out_dir=str(tmp_path / tag / str(i)))
+            out.append(build_config(values))
+        return out
+
+    want = B.train_stacked(configs("clean"), mode=mode)
+    ckpt = tmp_path / "stack.pt"
+    save, saves, kill = B._save_stack, [], [True]
+
+    def killed_after_two(path, state):
+        save(path, state)
+        saves.append(state["it"])
+        if kill[0] and len(saves) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(B, "_save_stack", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        B.train_stacked(configs("killed"), mode=mode, checkpoint=ckpt)
+    assert saves == [10, 20] and ckpt.exists()
+    saves.clear()
+    kill[0] = False
+    got = B.train_stacked(configs("killed"), mode=mode, checkpoint=ckpt)
+    assert saves == [] and not ckpt.exists()  # resumed at 20: nothing left to checkpoint
+    for g, w in zip(got, want, strict=True):
+        for key in ("status", "iters", "diverged_at", "best_val_loss", "final_val_loss",
+                    "final_train_loss", "history"):  # fmt: skip
+            assert g[key] == w[key], key
+    assert [r["status"] for r in got] == ["ok", "ok", "diverged"]
+
+    other = configs("other")  # another stack's checkpoint: ignored, the stack starts over
+    save(ckpt, {"format": B._STACK_FORMAT, "runs": ["x"], "it": 20})
+    again = B.train_stacked(other, mode=mode, checkpoint=ckpt)
+    assert saves == [10, 20]
+    assert [r["best_val_loss"] for r in again] == [r["best_val_loss"] for r in want]

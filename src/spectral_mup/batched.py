@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -398,6 +399,15 @@ class _SliceSteps:
     def zero_grad(self) -> None:
         self.opt.opt.zero_grad(set_to_none=True)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.stacked.state_dict(), "opt": self.opt.opt.state_dict(),
+                "steps": self.opt.steps}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stacked.load_state_dict(state["model"])
+        self.opt.opt.load_state_dict(state["opt"])
+        self.opt.steps = state["steps"]
+
     def step(self, it: int, active: torch.Tensor, x: torch.Tensor, forward) -> list[float]:
         if self.clip > 0:
             _clip_per_run(self.stacked, self.clip, active)
@@ -423,6 +433,24 @@ class _RunSteps:
     def zero_grad(self) -> None:
         for o in self.opts:
             o.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "models": [m.state_dict() for m in self.stacked.singles],
+            "opts": [o.state_dict() for o in self.opts],
+            "scheds": [s.state_dict() for s in self.scheds],
+            "rngs": [g.get_state() for g in self.rngs],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for m, o, sched, g, ms, os_, ss, gs in zip(
+            self.stacked.singles, self.opts, self.scheds, self.rngs, state["models"],
+            state["opts"], state["scheds"], state["rngs"], strict=True,
+        ):  # fmt: skip
+            m.load_state_dict(ms)
+            o.load_state_dict(os_)
+            sched.load_state_dict(ss)
+            g.set_state(gs)
 
     def _clip(self, i: int) -> None:
         if self.clip > 0:
@@ -463,13 +491,19 @@ class _RunSteps:
         self.zero_grad()
 
 
-def train_stacked(cfgs: Sequence[Any], log=None, *, mode: str = "auto") -> list[dict[str, Any]]:
+def train_stacked(
+    cfgs: Sequence[Any], log=None, *, mode: str = "auto", checkpoint: str | Path | None = None
+) -> list[dict[str, Any]]:
     """Train the runs ``cfgs`` (RunConfigs, ``check_stackable``) as one stack; return and
     write (``out_dir/result.json``, and ``model.pt`` for an ``ok`` run) each run's result,
     as ``train.run`` would: its own init (``train.seed``), training and eval batches, LR
     schedule, loss ceiling, divergence, patience and grad clipping. A diverged or stopped run
     is masked out (its weights stay) while the others go on. Each result's ``wall_time`` is
-    the stack's divided by K (the compute is shared). No checkpoints: a killed stack starts
+    the stack's divided by K (the compute is shared).
+
+    ``checkpoint``: a file the stack saves itself to at every eval (or
+    ``train.checkpoint_interval``) and resumes from, bit for bit, when it exists and holds
+    the same runs; deleted once every result is written. Without it a killed stack starts
     over.
 
     ``mode``: ``"slices"`` steps the stacked tensors with one LR-linear optimizer
@@ -478,7 +512,6 @@ def train_stacked(cfgs: Sequence[Any], log=None, *, mode: str = "auto") -> list[
     when the optimizer allows it."""
     import math
     import time
-    from pathlib import Path
 
     from .data import load_dataset
     from .fileio import save_torch, write_json
@@ -545,9 +578,32 @@ def train_stacked(cfgs: Sequence[Any], log=None, *, mode: str = "auto") -> list[
         stacked.train()
         return (total / t0.eval_iters).tolist()
 
+    names = [str(cfg.train.out_dir) for cfg in cfgs]
+    first, elapsed0 = 0, 0.0
+    ckpt_path = Path(checkpoint) if checkpoint is not None else None
+    if ckpt_path is not None and ckpt_path.exists():
+        saved = _load_stack(ckpt_path)
+        if saved.get("runs") == names:
+            steps.load_state_dict(saved["steps"])
+            for g, state in zip(gens, saved["gens"], strict=True):
+                g.set_state(state)
+            active = saved["active"].clone()
+            hist, best, status, stop = saved["hist"], saved["best"], saved["status"], saved["stop"]
+            diverged_at, iters = saved["diverged_at"], saved["iters"]
+            first, elapsed0 = saved["it"], saved["elapsed"]
+    ckpt_every = t0.checkpoint_interval or t0.eval_interval
+
+    def save(done: int) -> None:
+        _save_stack(ckpt_path, {
+            "format": _STACK_FORMAT, "runs": names, "it": done, "steps": steps.state_dict(),
+            "gens": [g.get_state() for g in gens], "active": active.clone(), "hist": hist,
+            "best": best, "status": status, "stop": stop, "diverged_at": diverged_at,
+            "iters": iters, "elapsed": elapsed0 + time.perf_counter() - start,
+        })  # fmt: skip
+
     start = time.perf_counter()
     stacked.train()
-    for it in range(t0.max_iters):
+    for it in range(first, t0.max_iters):
         if not active.any():
             break
         xy = [data.get_batch("train", bs, block, g) for g in gens]
@@ -584,7 +640,9 @@ def train_stacked(cfgs: Sequence[Any], log=None, *, mode: str = "auto") -> list[
                     diverged_at[i], active[i] = done, False
                 elif cfgs[i].train.patience and done - best[i][1] >= cfgs[i].train.patience:
                     stop[i], active[i] = "early_stop", False
-    elapsed = time.perf_counter() - start
+        if ckpt_path is not None and done % ckpt_every == 0 and done < t0.max_iters:
+            save(done)
+    elapsed = elapsed0 + time.perf_counter() - start
     results = []
     num_params = sum(q.numel() for q in stacked.run_state(0).values())
     for i, cfg in enumerate(cfgs):
@@ -614,7 +672,27 @@ def train_stacked(cfgs: Sequence[Any], log=None, *, mode: str = "auto") -> list[
             save_torch(out / WEIGHTS, stacked.run_state(i))
         write_json(out / RESULT, result)
         results.append(result)
+    if ckpt_path is not None:
+        ckpt_path.unlink(missing_ok=True)
     return results
+
+
+_STACK_FORMAT = "smup-stack-1"
+
+
+def _save_stack(path: Path, state: dict[str, Any]) -> None:
+    from .fileio import save_torch
+
+    save_torch(path, state)
+
+
+def _load_stack(path: Path) -> dict[str, Any]:
+    """A stack checkpoint; an unreadable or foreign file is ignored (the stack starts over)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # torch raises many types for bad files
+        return {}
+    return state if isinstance(state, dict) and state.get("format") == _STACK_FORMAT else {}
 
 
 @torch.no_grad()

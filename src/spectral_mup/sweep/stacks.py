@@ -7,9 +7,10 @@ compile) share a task of at most K runs; every other run is a task of its own. A
 trains a task with ``execute_task``: one run through ``train.run``, several through
 ``batched.train_stacked`` (any optimizer: the LR-linear ones step the stacked tensors
 together, the rest each run's own optimizer), falling back to one run at a time if the
-stack cannot be built. A stack writes no checkpoints (a killed stack trains again from
-the start, to the same result); a run that has a checkpoint from an interrupted
-one-run-at-a-time sweep resumes from it alone. A stack's results equal its runs'
+stack cannot be built. A stack checkpoints itself (``OUT/stacks/<hash of its runs>.pt``)
+at every eval, so a killed sweep's stack resumes where it was, bit for bit, when the rerun
+plans the same stack; a run that has a checkpoint from an interrupted one-run-at-a-time
+sweep resumes from it alone. A stack's results equal its runs'
 single-run results within float rounding
 (tests/test_sweep.py::test_stacked_sweep_rows_equal_single_run_rows).
 
@@ -83,6 +84,15 @@ def plan(runs: list[Run], batch_runs: int, workers: int) -> list[list[Run]]:
     return sorted(tasks, key=lambda t: -sum(r.cost for r in t))
 
 
+def stack_checkpoint(cfgs: list[RunConfig]) -> Path:
+    """Where a stack of these runs checkpoints: beside their run dirs, named by them."""
+    import hashlib
+
+    names = "\n".join(str(c.train.out_dir) for c in cfgs)
+    digest = hashlib.sha256(names.encode()).hexdigest()[:16]
+    return Path(cfgs[0].train.out_dir).parent / "stacks" / f"{digest}.pt"
+
+
 def execute_task(cfgs: list[RunConfig]) -> list[dict[str, Any]]:
     """Each run's result (``executors.execute``'s keys); a stack that cannot be built (or
     fails) is retrained one run at a time, so every run gets its own status."""
@@ -91,7 +101,7 @@ def execute_task(cfgs: list[RunConfig]) -> list[dict[str, Any]]:
     if len(cfgs) == 1:
         return [execute(cfgs[0])]
     try:
-        results = train_stacked(cfgs)
+        results = train_stacked(cfgs, checkpoint=stack_checkpoint(cfgs))
     except Exception:  # NotBatchable, or one run's error: each run alone says which
         return [execute(cfg) for cfg in cfgs]
     return [{k: r.get(k) for k in KEEP} for r in results]
