@@ -347,15 +347,27 @@ def stacked_optimizer(stacked: Stacked, optimizers: Sequence[torch.optim.Optimiz
 
 # --------------------------------------------------------------------------- training
 
-# config keys that may differ between the runs of one stack (everything else must match)
-PER_RUN_KEYS = {
-    ("optim", "lr"),
-    ("optim", "weight_decay"),
-    ("train", "seed"),
-    ("train", "out_dir"),
-    *(("param", k) for k in ("lr_input", "lr_output", "lr_vector", "init_std", "init_input",
-                             "init_output")),
-}  # fmt: skip
+
+def _per_run_keys() -> set[tuple[str, str]]:
+    """Config keys that may differ between the runs of one stack (everything else must
+    match): every optimizer option but its name and Sophia's Hessian cadence (each run has
+    its own optimizer; the slices mode needs them equal and otherwise steps per run), the
+    seed and run dir, and the per-role LR and init multipliers (param groups and init; the
+    forward multipliers ``readout_scale`` and ``attention_mult`` are the model's, shared)."""
+    import dataclasses
+
+    from .config import OptimSection
+
+    optim = {("optim", f.name) for f in dataclasses.fields(OptimSection)}
+    return (optim - {("optim", "name"), ("optim", "hessian_interval")}) | {
+        ("train", "seed"),
+        ("train", "out_dir"),
+        *(("param", k) for k in ("lr_input", "lr_output", "lr_vector", "init_std", "init_input",
+                                 "init_output")),
+    }  # fmt: skip
+
+
+PER_RUN_KEYS = _per_run_keys()
 
 
 def stack_key(cfg: Any) -> str:
@@ -531,16 +543,15 @@ def train_stacked(
         singles.append(model)
         opts.append(build_run_optimizer(cfg, model))
         rngs.append(torch.Generator().set_state(torch.get_rng_state()))
-    if mode == "auto":
-        try:
-            _decay_mode(opts[0])
-            mode = "slices"
+    steps: _SliceSteps | _RunSteps | None = None
+    if mode in ("auto", "slices"):
+        try:  # one LR-linear optimizer with the runs' shared options, or NotBatchable
+            stacked = stack(singles).to(device)
+            steps = _SliceSteps(stacked, opts, cfgs)
         except NotBatchable:
-            mode = "runs"
-    if mode == "slices":
-        stacked = stack(singles).to(device)
-        steps: _SliceSteps | _RunSteps = _SliceSteps(stacked, opts, cfgs)
-    else:
+            if mode == "slices":
+                raise
+    if steps is None:
         stacked = stack(singles, leaves=True).to(device)
         steps = _RunSteps(stacked, opts, cfgs, rngs)
     del singles, opts
