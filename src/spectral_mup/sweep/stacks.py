@@ -1,8 +1,8 @@
 """Stacked execution: runs of one shape train K at a time as one stack (``batched``).
 
 ``plan(runs, batch_runs, workers)`` groups the runs to train into tasks: runs whose configs
-agree outside their LR, weight decay, seed and per-role multipliers (``batched.stack_key``)
-and that can stack (``batched.check_stackable``: no dropout, gradient accumulation or
+agree outside their optimizer options, seed and per-role LR/init multipliers
+(``batched.stack_key``) and that can stack (``batched.check_stackable``: no dropout, gradient accumulation or
 compile) share a task of at most K runs; every other run is a task of its own. An executor
 trains a task with ``execute_task``: one run through ``train.run``, several through
 ``batched.train_stacked`` (any optimizer: the LR-linear ones step the stacked tensors
@@ -10,13 +10,12 @@ together, the rest each run's own optimizer), falling back to one run at a time 
 stack cannot be built. A stack checkpoints itself (``OUT/stacks/<hash of its runs>.pt``)
 at every eval, so a killed sweep's stack resumes where it was, bit for bit, when the rerun
 plans the same stack; a run that has a checkpoint from an interrupted one-run-at-a-time
-sweep resumes from it alone. A stack's results equal its runs'
-single-run results within float rounding
-(tests/test_sweep.py::test_stacked_sweep_rows_equal_single_run_rows).
+sweep resumes from it alone. A stack's results equal its runs' single-run results within
+float rounding (tests/test_sweep.py::test_stacked_sweep_rows_equal_single_run_rows).
 
 ``batch_runs``: 1 trains every run alone; K > 1 stacks up to K; 0 (auto, the default)
 stacks where it measured faster. On this project's 2-core CPU, stacking pays only where a
-run is per-op overhead, not arithmetic (``python benchmarks/stacked_speed.py``): below
+run is per-op overhead, not arithmetic (``python benchmarks/sweep_throughput.py``): below
 ``CPU_STACK_FLOPS`` training FLOPs per step it stacks up to ``CPU_K`` runs, above it none;
 on a GPU it stacks up to ``GPU_K`` (not measured here: no GPU was lent). Auto never makes
 fewer tasks than workers out of a group, so no core idles for a stack.
