@@ -2,8 +2,9 @@
 
 ``plan(runs, batch_runs, workers)`` groups the runs to train into tasks: runs whose configs
 agree outside their optimizer options, seed and per-role LR/init multipliers
-(``batched.stack_key``) and that can stack (``batched.check_stackable``: no dropout, gradient accumulation or
-compile) share a task of at most K runs; every other run is a task of its own. An executor
+(``batched.stack_key``) and that can stack (``batched.check_stackable``: no dropout,
+gradient accumulation or compile) share a task of at most K runs; every other run is a
+task of its own. An executor
 trains a task with ``execute_task``: one run through ``train.run``, several through
 ``batched.train_stacked`` (any optimizer: the LR-linear ones step the stacked tensors
 together, the rest each run's own optimizer), falling back to one run at a time if the
