@@ -17,7 +17,7 @@ import torch
 
 from spectral_mup import sweep
 from spectral_mup import train as T
-from spectral_mup.config import RunConfig, load_config
+from spectral_mup.config import RunConfig, build_config, load_config
 from spectral_mup.errors import CheckpointError
 from spectral_mup.fileio import write_json
 from spectral_mup.train import lr_factor, run
@@ -517,13 +517,22 @@ def test_sophia_estimates_its_hessian_even_when_wrapped(tmp_path: Path, spectral
     assert hessians and all(h.abs().sum() > 0 for h in hessians if h.ndim >= 2)
 
 
-def test_checkpoints_from_before_model_arch_still_resume(tmp_path: Path) -> None:
-    """A GPT checkpoint's stored config has no model.arch (written before the Llama); it
-    still matches the config that wrote it, and a Llama config never matches it."""
+def test_checkpoints_and_ids_from_before_later_keys_still_match(tmp_path: Path) -> None:
+    """A GPT checkpoint's stored config has no model.arch (written before the Llama), and
+    none of the transferable-HP multipliers (written before issue 13): it still matches the
+    config that wrote it, and the run keeps its id; a Llama, or a multiplier other than 1,
+    is another run."""
     cfg = tiny(tmp_path / "a")
     old = cfg.to_dict()
     del old["model"]["arch"]
+    for key in ("lr_input", "lr_output", "lr_vector", "readout_scale", "init_input",
+                "init_output", "attention_mult"):  # fmt: skip
+        del old["param"][key]
     assert T.fingerprint(old) == T.fingerprint(cfg)
+    assert sweep.run_id(cfg) == sweep.run_id(build_config(old))
     llama = tiny(tmp_path / "a", "--model.arch", "llama", "--model.n_heads", "2")
     assert T.fingerprint(llama) != T.fingerprint(cfg)
     assert sweep.run_id(llama) != sweep.run_id(cfg)
+    for key in ("lr_input", "readout_scale", "attention_mult"):
+        other = tiny(tmp_path / "a", f"--param.{key}", "2.0")
+        assert sweep.run_id(other) != sweep.run_id(cfg), key

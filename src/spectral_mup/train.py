@@ -111,13 +111,23 @@ def build_run_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.O
     )
 
 
+# Keys added after run ids existed, at the value that trains the run it was before them:
+# there they are left out of the fingerprint, so adding them kept every stored id and
+# checkpoint (model.arch: the GPT was the only model; the transferable HPs of issue 13: 1).
+LATER_KEYS: dict[tuple[str, str], Any] = {
+    ("model", "arch"): "gpt",
+    **{("param", k): 1.0 for k in ("lr_input", "lr_output", "lr_vector", "readout_scale",
+                                   "init_input", "init_output", "attention_mult")},
+}  # fmt: skip
+
+
 def fingerprint(cfg: RunConfig | dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The parts of a config (a ``RunConfig`` or its ``to_dict()``, e.g. a checkpoint's
     stored fingerprint) that identify a run — a checkpoint must agree with them to be
     resumed, and a sweep's run id hashes them: every key but the runtime ones
     (:data:`RUNTIME_KEYS`), none set to ``None`` (an unset option is its default, so adding
-    an optional key keeps existing ids and checkpoints), and no ``model.arch`` for the GPT
-    (the only architecture before the key existed)."""
+    an optional key keeps existing ids and checkpoints), and none of :data:`LATER_KEYS` at
+    its old value."""
     d = cfg.to_dict() if isinstance(cfg, RunConfig) else cfg
     return {
         section: {
@@ -125,7 +135,7 @@ def fingerprint(cfg: RunConfig | dict[str, dict[str, Any]]) -> dict[str, dict[st
             for k, v in items.items()
             if v is not None
             and not (section == "train" and k in RUNTIME_KEYS)
-            and not (section == "model" and k == "arch" and v == "gpt")
+            and not ((section, k) in LATER_KEYS and v == LATER_KEYS[section, k])
         }
         for section, items in d.items()
     }
