@@ -106,26 +106,7 @@ def test_train_stacked_gives_each_runs_result(tmp_path):
     and 2 threads, bound 1e-4), and each run's result.json and weights."""
     import json
 
-    from spectral_mup.batched import train_stacked
-    from spectral_mup.config import build_config, load_config
-    from spectral_mup.train import run
-
-    base = load_config(None).to_dict()
-    base["model"].update(width=16, depth=1, n_heads=2, block_size=16)
-    base["param"].update(base_width=16, base_depth=1)
-    base["train"].update(batch_size=4, max_iters=30, eval_interval=10, eval_iters=2,
-                         warmup_iters=3, progress=False, patience=0)  # fmt: skip
-    runs = [(0.004, 0.0, 0), (0.016, 0.1, 1), (50.0, 0.0, 2)]  # the last one diverges
-    cfgs, want = [], []
-    for i, (lr, wd, seed) in enumerate(runs):
-        values = {s: dict(v) for s, v in base.items()}
-        values["optim"].update(lr=lr, weight_decay=wd)
-        values["train"].update(seed=seed, out_dir=str(tmp_path / f"single{i}"))
-        single = build_config(values)
-        want.append(run(single, log=None))
-        values["train"]["out_dir"] = str(tmp_path / f"stacked{i}")
-        cfgs.append(build_config(values))
-    got = train_stacked(cfgs)
+    got, want = _stack_vs_single(tmp_path, "adamw", (0.004, 0.016, 50.0), "auto")
     for g, w in zip(got, want, strict=True):
         assert (g["status"], g["diverged_at"], g["iters"]) == (
             w["status"],
@@ -138,22 +119,21 @@ def test_train_stacked_gives_each_runs_result(tmp_path):
             else:
                 assert g[key] == pytest.approx(w[key], rel=1e-4), key
     assert [r["status"] for r in got] == ["ok", "ok", "diverged"]
-    saved = json.loads((tmp_path / "stacked1" / "result.json").read_text())
+    saved = json.loads((tmp_path / "stacked" / "1" / "result.json").read_text())
     assert saved["best_val_loss"] == got[1]["best_val_loss"] and saved["stacked"] == 3
-    weights = torch.load(tmp_path / "stacked0" / "model.pt")
-    single = torch.load(tmp_path / "single0" / "model.pt")
+    weights = torch.load(tmp_path / "stacked" / "0" / "model.pt")
+    single = torch.load(tmp_path / "single" / "0" / "model.pt")
     for name, q in single.items():  # the key bias: 0 gradient in exact arithmetic, AdamW
         if name.endswith("c_attn.bias"):  # moves it by the sign of rounding noise
             continue
         torch.testing.assert_close(weights[name], q, rtol=1e-3, atol=1e-5, msg=name)
 
 
-def _stack_vs_single(tmp_path, optimizer, lrs, mode, per_run=({}, {}, {})):
-    """Three runs (LR, decay, seed and the ``per_run`` [optim] options each their own)
-    through train.run and as one stack."""
-    from spectral_mup.batched import train_stacked
+def _configs(root, optimizer="adamw", lrs=(0.004, 0.016, 50.0), per_run=({}, {}, {})):
+    """Three tiny runs, each with its own LR, decay (0, 0.1, 0), seed (0, 1, 2) and
+    ``per_run`` [optim] options, training in ``root/0``, ``root/1``, ``root/2``; at LR 50
+    AdamW diverges."""
     from spectral_mup.config import build_config, load_config
-    from spectral_mup.train import run
 
     base = load_config(None).to_dict()
     base["model"].update(width=16, depth=1, n_heads=2, block_size=16)
@@ -161,14 +141,22 @@ def _stack_vs_single(tmp_path, optimizer, lrs, mode, per_run=({}, {}, {})):
     base["optim"]["name"] = optimizer
     base["train"].update(batch_size=4, max_iters=30, eval_interval=10, eval_iters=2,
                          warmup_iters=3, progress=False, patience=0)  # fmt: skip
-    cfgs, want = [], []
+    cfgs = []
     for i, (lr, wd) in enumerate(zip(lrs, (0.0, 0.1, 0.0), strict=True)):
         values = {s: dict(v) for s, v in base.items()}
         values["optim"].update(lr=lr, weight_decay=wd, **per_run[i])
-        values["train"].update(seed=i, out_dir=str(tmp_path / f"single{i}"))
-        want.append(run(build_config(values), log=None))
-        values["train"]["out_dir"] = str(tmp_path / f"stacked{i}")
+        values["train"].update(seed=i, out_dir=str(root / str(i)))
         cfgs.append(build_config(values))
+    return cfgs
+
+
+def _stack_vs_single(tmp_path, optimizer, lrs, mode, per_run=({}, {}, {})):
+    """The three runs of ``_configs`` through train.run and as one stack."""
+    from spectral_mup.batched import train_stacked
+    from spectral_mup.train import run
+
+    want = [run(c, log=None) for c in _configs(tmp_path / "single", optimizer, lrs, per_run)]
+    cfgs = _configs(tmp_path / "stacked", optimizer, lrs, per_run)
     return train_stacked(cfgs, mode=mode), want
 
 
@@ -209,24 +197,8 @@ def test_a_killed_stack_resumes_from_its_checkpoint_bit_for_bit(tmp_path, monkey
     the same results as an uninterrupted stack, to the bit; the checkpoint is deleted at
     the end. A checkpoint of other runs is ignored (the stack starts over)."""
     import spectral_mup.batched as B
-    from spectral_mup.config import build_config, load_config
 
-    base = load_config(None).to_dict()
-    base["model"].update(width=16, depth=1, n_heads=2, block_size=16)
-    base["param"].update(base_width=16, base_depth=1)
-    base["train"].update(batch_size=4, max_iters=30, eval_interval=10, eval_iters=2,
-                         warmup_iters=3, progress=False, patience=0)  # fmt: skip
-
-    def configs(tag):
-        out = []
-        for i, lr in enumerate((0.004, 0.016, 50.0)):
-            values = {s: dict(v) for s, v in base.items()}
-            values["optim"]["lr"] = lr
-            values["train"].update(seed=i, out_dir=str(tmp_path / tag / str(i)))
-            out.append(build_config(values))
-        return out
-
-    want = B.train_stacked(configs("clean"), mode=mode)
+    want = B.train_stacked(_configs(tmp_path / "clean"), mode=mode)
     ckpt = tmp_path / "stack.pt"
     save, saves, kill = B._save_stack, [], [True]
 
@@ -238,11 +210,11 @@ def test_a_killed_stack_resumes_from_its_checkpoint_bit_for_bit(tmp_path, monkey
 
     monkeypatch.setattr(B, "_save_stack", killed_after_two)
     with pytest.raises(KeyboardInterrupt):
-        B.train_stacked(configs("killed"), mode=mode, checkpoint=ckpt)
+        B.train_stacked(_configs(tmp_path / "killed"), mode=mode, checkpoint=ckpt)
     assert saves == [10, 20] and ckpt.exists()
     saves.clear()
     kill[0] = False
-    got = B.train_stacked(configs("killed"), mode=mode, checkpoint=ckpt)
+    got = B.train_stacked(_configs(tmp_path / "killed"), mode=mode, checkpoint=ckpt)
     assert saves == [] and not ckpt.exists()  # resumed at 20: nothing left to checkpoint
     for g, w in zip(got, want, strict=True):
         for key in ("status", "iters", "diverged_at", "best_val_loss", "final_val_loss",
@@ -250,7 +222,9 @@ def test_a_killed_stack_resumes_from_its_checkpoint_bit_for_bit(tmp_path, monkey
             assert g[key] == w[key], key
     assert [r["status"] for r in got] == ["ok", "ok", "diverged"]
 
-    other = configs("other")  # another stack's checkpoint: ignored, the stack starts over
+    other = _configs(
+        tmp_path / "other"
+    )  # another stack's checkpoint: ignored, the stack starts over
     save(ckpt, {"format": B._STACK_FORMAT, "runs": ["x"], "it": 20})
     again = B.train_stacked(other, mode=mode, checkpoint=ckpt)
     assert saves == [10, 20]
