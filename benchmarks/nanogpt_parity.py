@@ -6,10 +6,10 @@ with ``is_causal``, GELU MLP ×4, tied embedding/head, N(0, 0.02) init with c_pr
 1/sqrt(2·depth), and nanoGPT's loop: sample a batch, forward with the loss inside, backward,
 clip to 1.0, AdamW (decay and no-decay groups, betas 0.9/0.95) with the LR set per group
 every step, ``zero_grad(set_to_none=True)``. Ours is ``train.run`` itself (its wall time
-covers the step loop and one 1-batch eval at the end, not model build or data load) on the
-same shapes: SP with tied weights (nanoGPT's architecture exactly) and μP (the sweeps'
-default, untied head). Trials alternate between the models (median of ``--trials``), one
-process, ``--threads`` torch threads.
+less its eval time: the step loop, not model build, data load or the one 1-batch eval at
+the end) on the same shapes: SP with tied weights (nanoGPT's architecture exactly) and μP
+(the sweeps' default, untied head). Trials alternate between the models (median of
+``--trials``), one process, ``--threads`` torch threads.
 
     SMUP_DATA_DIR=../shared/data python benchmarks/nanogpt_parity.py --widths 64,128,256,512
 
@@ -129,7 +129,8 @@ def ours_seconds(width: int, kind: str, args, root: Path) -> float:
                       "out_dir": str(root / f"{kind}{width}")},
         }
     )  # fmt: skip
-    return run(cfg, log=None)["wall_time"]
+    result = run(cfg, log=None)
+    return result["wall_time"] - result["eval_time"]
 
 
 def main() -> None:
@@ -148,7 +149,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="nanogpt_parity_"))
     tokens = args.steps * args.batch * args.block
     print(f"depth {args.depth}, {args.heads} heads, batch {args.batch}×{args.block}, "
-          f"{args.steps} steps, {args.threads} thread(s), median of {args.trials} interleaved trials")  # fmt: skip
+          f"{args.steps} steps, {args.threads} thread(s), "
+          f"median of {args.trials} interleaved trials")  # fmt: skip
     print("| width | reference tok/s | ours SP (tied) tok/s | ratio | ours μP tok/s | ratio |")
     print("|---|---|---|---|---|---|")
     for width in (int(w) for w in args.widths.split(",")):

@@ -107,8 +107,8 @@ def main() -> None:
             rate[batch_runs] = len(spec.runs) * 3600 / (time.perf_counter() - start)
         torch.set_num_threads(1)
         share = kernel_share(width)
-        one = rate[1]
-        print(f"| {width} | {one:.0f} | {rate[args.k]:.0f} (K={args.k}) | {rate[args.k] / one:.2f}× "
+        one, k = rate[1], rate[args.k]
+        print(f"| {width} | {one:.0f} | {k:.0f} (K={args.k}) | {k / one:.2f}× "
               f"| {rate[0]:.0f} | {rate[0] / one:.2f}× | {share:.0%} |", flush=True)  # fmt: skip
 
 

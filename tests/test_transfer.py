@@ -123,7 +123,7 @@ def test_tuned_transfer_picks_the_best_candidate_and_counts_compute(tmp_path, ca
     out = capsys.readouterr().out
     with RunStore(tmp_path / "store.sqlite", create=False) as store:
         rows = store.rows()
-    info = json.loads((tmp_path / "tuned_transfer_32x1.json").read_text())
+    info = json.loads((tmp_path / "tuned_transfer_t_32x1.json").read_text())
     mup, sp = info["sides"]
     assert (mup["param"], sp["param"]) == ("mup", "sp")
     assert mup["trials"] == sp["trials"] == 4 and mup["tuned_at"] == [16, 1]
@@ -185,7 +185,7 @@ def test_tuned_transfer_with_an_sp_spec_tunes_sp_over_its_own_candidates(tmp_pat
     argv = ["transfer", str(mup_spec), "--target-width", "32", "--tune", "--sp"]
     assert main([*argv, "--sp-spec", str(sp_spec)]) == 0
     capsys.readouterr()
-    info = json.loads((tmp_path / "mup" / "tuned_transfer_32x1.json").read_text())
+    info = json.loads((tmp_path / "mup" / "tuned_transfer_t_32x1.json").read_text())
     mup, sp = info["sides"]
     assert (mup["param"], mup["trials"], mup["tuned_at"]) == ("mup", 3, [16, 1])
     assert set(mup["hps"]) == {"optim.lr", "param.init_output"}

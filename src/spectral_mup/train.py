@@ -389,7 +389,9 @@ def _run(cfg: RunConfig, ctx: Context, log: Callable[[str], None] | None) -> dic
         bar.update(1)
         it = state["iter"]
         if it % t.eval_interval == 0 or it == t.max_iters:
+            eval_start = time.perf_counter()
             val = evaluate(fwd, data, cfg, ctx=ctx)
+            state["eval_time"] = state.get("eval_time", 0.0) + time.perf_counter() - eval_start
             hist["val"].append([it, val])
             if val < state["best_val"]:
                 state["best_val"], state["best_iter"] = val, it
@@ -440,6 +442,7 @@ def _run(cfg: RunConfig, ctx: Context, log: Callable[[str], None] | None) -> dic
         "diverged_at": diverged_at,
         "tokens": state["iter"] * t.batch_size * cfg.model.block_size,
         "wall_time": state["elapsed"],
+        "eval_time": state.get("eval_time", 0.0),  # of wall_time: the evaluations
         "num_params": sum(p.numel() for p in model.parameters()),  # FSDP2: DTensor's global size
         "data": data.source,
         "config": cfg.to_dict(),

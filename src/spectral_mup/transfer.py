@@ -425,7 +425,8 @@ def run_tuned_transfer(
             winners = [r for r in runs if _candidate(r) == best]
             sides.append(_tuned(side, (target_width, target_depth), n, runs, winners[0], loss,
                                 winners, sp_rows, cost(runs, sp_rows), (0.0, 0.0)))  # fmt: skip
-    out = spec.store.parent / f"tuned_transfer_{target_width}x{target_depth}.json"
+    # one file per spec: two searches sharing a store keep their own results
+    out = spec.store.parent / f"tuned_transfer_{spec.name}_{target_width}x{target_depth}.json"
     write_json(out, {"spec": str(spec.path), "proxy": {"width": p_width, "depth": p_depth},
                      "target": {"width": target_width, "depth": target_depth},
                      "sides": [s.to_json() for s in sides]})  # fmt: skip

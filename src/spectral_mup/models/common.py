@@ -91,6 +91,12 @@ def positive_int(name: str, value) -> None:
         raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
 
 
+def scaled(x: torch.Tensor, multiplier: float) -> torch.Tensor:
+    """``x · multiplier``, with no op at all for a multiplier of 1 (SP's readout and residual
+    branches, μP's at the base size): the same numbers, two ops less per branch in training."""
+    return x if multiplier == 1.0 else x * multiplier
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..parametrize import Parametrization, check_tied, init_weights
 from ..roles import ParamRole
-from .common import DecoderConfig, attend, base_config, bundled_roles, positive_int
+from .common import DecoderConfig, attend, base_config, bundled_roles, positive_int, scaled
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,8 +86,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.branch_multiplier * self.attn(self.ln_1(x))
-        return x + self.branch_multiplier * self.mlp(self.ln_2(x))
+        x = x + scaled(self.attn(self.ln_1(x)), self.branch_multiplier)
+        return x + scaled(self.mlp(self.ln_2(x)), self.branch_multiplier)
 
 
 class GPT(nn.Module):
@@ -141,7 +141,7 @@ class GPT(nn.Module):
             x = block(x)
         # the readout multiplier scales the head's input (= its output: the head has no bias),
         # so the head module's output is the logits (coordinate checks tap it)
-        return self.lm_head(self.ln_f(x) * self.readout_multiplier)
+        return self.lm_head(scaled(self.ln_f(x), self.readout_multiplier))
 
     def coord_taps(self) -> dict[str, nn.Module]:
         """Layer groups for coordinate checks: the module whose output is recorded."""

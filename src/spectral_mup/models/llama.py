@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..parametrize import Parametrization, check_tied, init_weights
 from ..roles import ParamRole
-from .common import DecoderConfig, attend, base_config, bundled_roles, positive_int
+from .common import DecoderConfig, attend, base_config, bundled_roles, positive_int, scaled
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,8 +152,8 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.branch_multiplier * self.attention(self.attention_norm(x))
-        return x + self.branch_multiplier * self.feed_forward(self.ffn_norm(x))
+        x = x + scaled(self.attention(self.attention_norm(x)), self.branch_multiplier)
+        return x + scaled(self.feed_forward(self.ffn_norm(x)), self.branch_multiplier)
 
 
 class Llama(nn.Module):
@@ -215,7 +215,7 @@ class Llama(nn.Module):
             x = layer(x)
         # the readout multiplier scales the head's input (the head has no bias), so the head
         # module's output is the logits (coordinate checks tap it)
-        return self.output(self.norm(x) * self.readout_multiplier)
+        return self.output(scaled(self.norm(x), self.readout_multiplier))
 
     def coord_taps(self) -> dict[str, nn.Module]:
         """Layer groups for coordinate checks: the module whose output is recorded (the same
