@@ -411,8 +411,8 @@ def test_rerun_skips_stored_runs_and_runs_only_new_ones(tmp_path, monkeypatch, c
     spec_path = write_spec(tmp_path, grid, sweep="workers = 1")  # in-process
     monkeypatch.setattr(S.executors, "available_cores", lambda: 1)  # one thread: busy machine
     calls = []  # every run trained, alone or in a stack
-    task = S.executors._task
-    monkeypatch.setattr(S.executors, "_task", lambda cfgs: calls.extend(cfgs) or task(cfgs))
+    task = S.executors.execute_task
+    monkeypatch.setattr(S.executors, "execute_task", lambda cfgs: calls.extend(cfgs) or task(cfgs))
     first = S.run_sweep(S.load_spec(spec_path), progress=False)
     assert (first.counts["ok"], first.skipped, len(calls)) == (4, 0, 4)
     before = by_id(tmp_path / "store.sqlite")
@@ -635,8 +635,10 @@ def _one_and_auto(tmp_path: Path, grid: str, monkeypatch) -> tuple[dict, dict, l
     """The grid swept one run per task and with stacking (auto): both stores' rows, and
     the task sizes of the stacked sweep."""
     sizes: list[int] = []
-    task = S.executors._task
-    monkeypatch.setattr(S.executors, "_task", lambda cfgs: sizes.append(len(cfgs)) or task(cfgs))
+    task = S.executors.execute_task
+    monkeypatch.setattr(
+        S.executors, "execute_task", lambda cfgs: sizes.append(len(cfgs)) or task(cfgs)
+    )
     one = write_spec(tmp_path / "one", grid, sweep="workers = 1\nbatch_runs = 1")
     assert main(["sweep", str(one)]) == 0
     assert set(sizes) == {1}
@@ -695,7 +697,7 @@ def test_stack_plan_groups_runs_of_one_shape(tmp_path):
     spec = S.load_spec(write_spec(tmp_path, grid + "seed = [0, 1]"))
     small = [r for r in spec.runs if r.config.model.width == 16]
     wide = [r for r in spec.runs if r.config.model.width == 512]
-    assert step_flops(small[0].config, {}) < CPU_STACK_FLOPS < step_flops(wide[0].config, {})
+    assert step_flops(small[0].config) < CPU_STACK_FLOPS < step_flops(wide[0].config)
     assert sorted(map(len, plan(small, 4, 1))) == [3, 3, 4]
     assert sorted(map(len, plan(small, 0, 1))) == [5, 5]  # auto K = 8 on a CPU
     assert sorted(map(len, plan(small, 0, 5))) == [2, 2, 2, 2, 2]  # a task per worker

@@ -8,6 +8,7 @@ a progress bar and a JSON result file.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import shutil
@@ -65,11 +66,19 @@ def build_model(cfg: RunConfig, vocab_size: int) -> torch.nn.Module:
     return build_bundled(model_config(cfg.model, vocab_size), cfg.param)
 
 
-def flops_per_token(cfg: RunConfig, vocab_size: int) -> float:
+@functools.cache
+def _vocab_size(path: str, vocab_size: int) -> int:
+    return load_dataset(path or None, vocab_size=vocab_size or None).vocab_size
+
+
+def flops_per_token(cfg: RunConfig, vocab_size: int | None = None) -> float:
     """Training FLOPs per token of the run's model (forward + backward, no evaluation):
     6·N for the N weights that multiply activations (every parameter but the embedding
     tables, which are lookups, unless tied to the head) plus 12·depth·block_size·width for
-    the attention scores and their weighted sum (nanoGPT's estimate)."""
+    the attention scores and their weighted sum (nanoGPT's estimate). ``vocab_size``:
+    default, that of the run's data (read once per dataset and process)."""
+    if vocab_size is None:
+        vocab_size = _vocab_size(cfg.data.path, cfg.data.vocab_size)
     with torch.device("meta"):
         model = build_model(cfg, vocab_size)
     roles = model.smup_roles

@@ -354,7 +354,6 @@ def run_tuned_transfer(
     ``sp_spec``, over that spec's SP runs resized to the target (e.g. an LR grid for SP
     while μP searches several HPs). Each side reports its tuning compute (training FLOPs
     and wall time of its tuning runs)."""
-    from .data import load_dataset
     from .train import flops_per_token
 
     spec, proxies, target_depth = _prepare(
@@ -382,16 +381,11 @@ def run_tuned_transfer(
             ids = {r.id for r in runs}
             return {row["id"]: row for row in store.rows() if row["id"] in ids}
 
-    vocab: dict[tuple, int] = {}
-
     def cost(runs: list[Run], rows: dict[str, dict[str, Any]]) -> tuple[float, float]:
         flops = seconds = 0.0
         for r in runs:
             row = rows.get(r.id) or {}
-            data = (r.config.data.path, r.config.data.vocab_size)
-            if data not in vocab:
-                vocab[data] = load_dataset(data[0] or None, vocab_size=data[1] or None).vocab_size
-            flops += (row.get("tokens") or 0) * flops_per_token(r.config, vocab[data])
+            flops += (row.get("tokens") or 0) * flops_per_token(r.config)
             seconds += row.get("wall_time") or 0.0
         return flops, seconds
 

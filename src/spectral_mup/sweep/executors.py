@@ -19,9 +19,11 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from .. import train
+from ..batched import train_stacked
 from ..config import RunConfig
 from ..errors import ConfigError, SmupError
 from .spec import Run
+from .stacks import stack_checkpoint
 
 # ----------------------------------------------------------------------------- one run
 
@@ -55,15 +57,22 @@ KEEP = (
 )
 
 
-def _task(cfgs: list[RunConfig]) -> list[dict[str, Any]]:
-    from .stacks import execute_task
-
-    return execute_task(cfgs)
+def execute_task(cfgs: list[RunConfig]) -> list[dict[str, Any]]:
+    """Each run's result (``execute``'s keys) for a task of ``sweep.stacks.plan``: one run
+    alone, several as one stack; a stack that cannot be built (or fails) is retrained one
+    run at a time, so every run gets its own status."""
+    if len(cfgs) == 1:
+        return [execute(cfgs[0])]
+    try:
+        results = train_stacked(cfgs, checkpoint=stack_checkpoint(cfgs))
+    except Exception:  # NotBatchable, or one run's error: each run alone says which
+        return [execute(cfg) for cfg in cfgs]
+    return [{k: r.get(k) for k in KEEP} for r in results]
 
 
 def _task_with_threads(cfgs: list[RunConfig], threads: int) -> list[dict[str, Any]]:
     _set_threads(threads)
-    return _task(cfgs)
+    return execute_task(cfgs)
 
 
 def _set_threads(threads: int) -> None:
@@ -101,7 +110,7 @@ def run_local(tasks: list[Task], workers: int, on_result: OnResult) -> None:
         torch.set_num_threads(threads)
         try:
             for task in tasks:
-                _report(task, _task([r.config for r in task]), on_result)
+                _report(task, execute_task([r.config for r in task]), on_result)
         finally:
             torch.set_num_threads(before)
         return
@@ -117,7 +126,7 @@ def run_local(tasks: list[Task], workers: int, on_result: OnResult) -> None:
     old_handler = signal.signal(signal.SIGTERM, _exit_on_signal) if in_main else None
     try:
         futures: dict[Future, Task] = {
-            pool.submit(_task, [r.config for r in task]): task for task in tasks
+            pool.submit(execute_task, [r.config for r in task]): task for task in tasks
         }
         pending = set(futures)
         while pending:

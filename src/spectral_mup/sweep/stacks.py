@@ -3,16 +3,16 @@
 ``plan(runs, batch_runs, workers)`` groups the runs to train into tasks: runs whose configs
 agree outside their optimizer options, seed and per-role LR/init multipliers
 (``batched.stack_key``) and that can stack (``batched.check_stackable``: no dropout,
-gradient accumulation or compile) share a task of at most K runs; every other run is a
-task of its own. An executor
-trains a task with ``execute_task``: one run through ``train.run``, several through
-``batched.train_stacked`` (any optimizer: the LR-linear ones step the stacked tensors
-together, the rest each run's own optimizer), falling back to one run at a time if the
-stack cannot be built. A stack checkpoints itself (``OUT/stacks/<hash of its runs>.pt``)
-at every eval, so a killed sweep's stack resumes where it was, bit for bit, when the rerun
-plans the same stack; a run that has a checkpoint from an interrupted one-run-at-a-time
-sweep resumes from it alone. A stack's results equal its runs' single-run results within
-float rounding (tests/test_sweep.py::test_stacked_sweep_rows_equal_single_run_rows).
+gradient accumulation or compile) share a task of at most K runs; every other run is a task
+of its own. An executor trains a task with ``executors.execute_task``: one run through
+``train.run``, several through ``batched.train_stacked`` (any optimizer: the LR-linear ones
+step the stacked tensors together, the rest each run's own optimizer), falling back to one
+run at a time if the stack cannot be built. A stack checkpoints itself (``OUT/stacks/<hash
+of its runs>.pt``) at every eval, so a killed sweep's stack resumes where it was, bit for
+bit, when the rerun plans the same stack; a run that has a checkpoint from an interrupted
+one-run-at-a-time sweep resumes from it alone. A stack's results equal its runs' single-run
+results within float rounding
+(tests/test_sweep.py::test_stacked_sweep_rows_equal_single_run_rows).
 
 ``batch_runs``: 1 trains every run alone; K > 1 stacks up to K; 0 (auto, the default)
 stacks where it measured faster. On this project's 2-core CPU, stacking pays only where a
@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
-from ..batched import NotBatchable, check_stackable, stack_key, train_stacked
+from ..batched import NotBatchable, check_stackable, stack_key
 from ..config import RunConfig
-from ..train import CHECKPOINT
+from ..train import CHECKPOINT, flops_per_token
 from .spec import Run
 
 CPU_STACK_FLOPS = 3e8  # training FLOPs per step below which a CPU run stacks (auto)
@@ -38,23 +37,16 @@ CPU_K = 8
 GPU_K = 16
 
 
-def step_flops(cfg: RunConfig, vocab: dict[tuple, int]) -> float:
+def step_flops(cfg: RunConfig) -> float:
     """Training FLOPs of one step of the run (``train.flops_per_token`` × tokens)."""
-    from ..data import load_dataset
-    from ..train import flops_per_token
-
-    key = (cfg.data.path, cfg.data.vocab_size)
-    if key not in vocab:
-        vocab[key] = load_dataset(key[0] or None, vocab_size=key[1] or None).vocab_size
-    tokens = cfg.train.batch_size * cfg.model.block_size
-    return flops_per_token(cfg, vocab[key]) * tokens
+    return flops_per_token(cfg) * cfg.train.batch_size * cfg.model.block_size
 
 
-def auto_k(cfg: RunConfig, vocab: dict[tuple, int]) -> int:
+def auto_k(cfg: RunConfig) -> int:
     """The stack size ``batch_runs = 0`` picks for a run (module docstring)."""
     if cfg.train.device.startswith("cuda"):
         return GPU_K
-    return CPU_K if step_flops(cfg, vocab) < CPU_STACK_FLOPS else 1
+    return CPU_K if step_flops(cfg) < CPU_STACK_FLOPS else 1
 
 
 def plan(runs: list[Run], batch_runs: int, workers: int) -> list[list[Run]]:
@@ -71,14 +63,13 @@ def plan(runs: list[Run], batch_runs: int, workers: int) -> list[list[Run]]:
             tasks.append([r])  # killed midway before: it resumes from its checkpoint, alone
         else:
             groups.setdefault(stack_key(r.config), []).append(r)
-    vocab: dict[tuple, int] = {}
     for group in groups.values():
         try:
             check_stackable([r.config for r in group])
         except NotBatchable:
             tasks.extend([r] for r in group)
             continue
-        k = batch_runs or min(auto_k(group[0].config, vocab), math.ceil(len(group) / workers))
+        k = batch_runs or min(auto_k(group[0].config), math.ceil(len(group) / workers))
         n = math.ceil(len(group) / k)  # tasks of near-equal size
         tasks.extend(group[i::n] for i in range(n))
     return sorted(tasks, key=lambda t: -sum(r.cost for r in t))
@@ -91,17 +82,3 @@ def stack_checkpoint(cfgs: list[RunConfig]) -> Path:
     names = "\n".join(str(c.train.out_dir) for c in cfgs)
     digest = hashlib.sha256(names.encode()).hexdigest()[:16]
     return Path(cfgs[0].train.out_dir).parent / "stacks" / f"{digest}.pt"
-
-
-def execute_task(cfgs: list[RunConfig]) -> list[dict[str, Any]]:
-    """Each run's result (``executors.execute``'s keys); a stack that cannot be built (or
-    fails) is retrained one run at a time, so every run gets its own status."""
-    from .executors import KEEP, execute
-
-    if len(cfgs) == 1:
-        return [execute(cfgs[0])]
-    try:
-        results = train_stacked(cfgs, checkpoint=stack_checkpoint(cfgs))
-    except Exception:  # NotBatchable, or one run's error: each run alone says which
-        return [execute(cfg) for cfg in cfgs]
-    return [{k: r.get(k) for k in KEEP} for r in results]
