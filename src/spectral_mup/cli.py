@@ -184,6 +184,23 @@ def _parser() -> argparse.ArgumentParser:
         help="with --tune --sp: SP's candidates are this spec's SP runs (resized to the target), "
         "e.g. an LR grid for SP while the main spec searches several HPs for μP",
     )
+    tr.add_argument(
+        "--rerank",
+        type=int,
+        default=0,
+        metavar="K",
+        help="with --tune: train each side's best K candidates again with --rerank-seeds more "
+        "seeds and pick the winner over all their seeds (default 0: no rerank)",
+    )
+    tr.add_argument("--rerank-seeds", type=int, default=2, metavar="S", help="default 2")
+    tr.add_argument(
+        "--eval-seeds",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --tune: measure both winners at the target on N fresh seeds (paired by "
+        "seed; SP free of its tuning seeds' selection bias). Default 0: the spec's seeds",
+    )
     tr.add_argument("--executor", choices=("local", "ray"), default=None, help="default: local")
     tr.add_argument("--workers", type=int, default=None, help="runs at once (0 = auto)")
     tr.add_argument("--address", default=None, help="Ray cluster address (with --executor ray)")
@@ -467,7 +484,14 @@ def _transfer(args: argparse.Namespace) -> int:
 
     if args.sp_spec and not args.tune:
         raise ConfigError("--sp-spec goes with --tune --sp")
-    extra = {"sp_spec": args.sp_spec} if args.tune else {}
+    if (args.rerank or args.eval_seeds or args.rerank_seeds != 2) and not args.tune:
+        raise ConfigError("--rerank, --rerank-seeds and --eval-seeds go with --tune")
+    extra = (
+        {"sp_spec": args.sp_spec, "rerank": args.rerank, "rerank_seeds": args.rerank_seeds,
+         "eval_seeds": args.eval_seeds}
+        if args.tune
+        else {}
+    )  # fmt: skip
     result = (run_tuned_transfer if args.tune else run_transfer)(
         args.spec,
         args.target_width,

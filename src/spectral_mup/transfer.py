@@ -264,6 +264,7 @@ class Tuned(_AtTarget):
     final_flops: float  # the target runs trained after tuning (μP); 0 when tuned there (SP)
     final_seconds: float
     arch: str = "gpt"
+    target_seeds: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -294,6 +295,12 @@ class TunedResult:
                 f"| {target} | {t.tuning_flops / 1e15:.3f} | {t.tuning_seconds:.0f} "
                 f"| {t.final_flops / 1e15:.3f} |"
             )
+        for g in paired_gaps(self.sides):
+            lines.append(
+                f"{g['arch']} {g['optimizer']}: SP − μP at the target, paired by seed: "
+                f"{g['mean']:+.4f} ± {g['se']:.4f} (SE, {g['n']} seeds; "
+                f"{g['mean'] / g['se'] if g['se'] > 0 else math.inf:+.1f} SE)"
+            )
         return lines
 
 
@@ -309,18 +316,51 @@ def _side(run: Run) -> tuple[str, str, str, float]:
     return c.model.arch, c.optim.name, c.param.kind, alpha
 
 
-def _best(runs: list[Run], rows: dict[str, dict[str, Any]]) -> tuple[str, float, int]:
-    """(candidate, seed-mean best val loss, number of candidates) of the lowest seed-mean;
-    a candidate with a diverged, failed or missing seed is never best."""
+def _means(runs: list[Run], rows: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Seed-mean best val loss per candidate; inf for one with a diverged, failed or missing
+    seed (never best)."""
     by: dict[str, list[float]] = {}
     for r in runs:
         row = rows.get(r.id)
         ok = row is not None and row["status"] == "ok" and row["best_val_loss"] is not None
         by.setdefault(_candidate(r), []).append(float(row["best_val_loss"]) if ok else math.inf)
-    means = {c: statistics.fmean(v) if all(map(math.isfinite, v)) else math.inf
-             for c, v in by.items()}  # fmt: skip
-    best = min(means, key=lambda c: (means[c], c))
-    return best, means[best], len(means)
+    return {c: statistics.fmean(v) if all(map(math.isfinite, v)) else math.inf
+            for c, v in by.items()}  # fmt: skip
+
+
+def _ranked(runs: list[Run], rows: dict[str, dict[str, Any]]) -> list[tuple[str, float]]:
+    """(candidate, seed-mean) from best to worst, ties by candidate id."""
+    means = _means(runs, rows)
+    return sorted(means.items(), key=lambda cm: (cm[1], cm[0]))
+
+
+def _reseeded(spec: SweepSpec, run: Run, seed: int) -> Run:
+    """The same configuration with another seed (its own id and run dir)."""
+    cfg = run.config
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
+    rid = run_id(cfg)
+    cfg = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, out_dir=str(spec.out_dir / rid))
+    )
+    return Run(rid, cfg, {**run.point, "seed": seed})
+
+
+def paired_gaps(sides: list[Tuned]) -> list[dict[str, Any]]:
+    """SP − μP target loss paired by seed, per model and optimizer whose two sides were
+    measured on the same seeds with none diverged: mean, standard error, number of pairs."""
+    out = []
+    for mup in (s for s in sides if s.param == "mup"):
+        for sp in (s for s in sides if s.param == "sp"):
+            same = (sp.arch, sp.optimizer, sp.target_seeds) == (
+                mup.arch, mup.optimizer, mup.target_seeds)  # fmt: skip
+            pairs = list(zip(sp.target_losses, mup.target_losses, strict=True)) if same else []
+            if len(pairs) < 2 or any(a is None or b is None for a, b in pairs):
+                continue
+            d = [a - b for a, b in pairs]  # type: ignore[operator]
+            out.append({"arch": mup.arch, "optimizer": mup.optimizer, "n": len(d),
+                        "mean": statistics.fmean(d),
+                        "se": statistics.stdev(d) / math.sqrt(len(d))})  # fmt: skip
+    return out
 
 
 def _swept(runs: list[Run]) -> list[str]:
@@ -343,6 +383,9 @@ def run_tuned_transfer(
     proxy_depth: int | None = None,
     sp: bool = False,
     sp_spec: str | Path | None = None,
+    rerank: int = 0,
+    rerank_seeds: int = 2,
+    eval_seeds: int = 0,
     executor: str | None = None,
     workers: int | None = None,
     address: str | None = None,
@@ -353,9 +396,18 @@ def run_tuned_transfer(
     SP *at the target* over the same candidates (the spec's SP runs, resized), or, with
     ``sp_spec``, over that spec's SP runs resized to the target (e.g. an LR grid for SP
     while μP searches several HPs). Each side reports its tuning compute (training FLOPs
-    and wall time of its tuning runs)."""
+    and wall time of its tuning runs).
+
+    ``rerank`` > 0: each side's best ``rerank`` candidates are trained again with
+    ``rerank_seeds`` more seeds and the winner is the best of them over all their seeds (a
+    noisy search's first ranking picks its winner partly by seed luck); these runs count as
+    tuning. ``eval_seeds`` > 0: both sides' winners are measured at the target on that many
+    fresh seeds, after every seed the tuning used — SP's loss is then free of the selection
+    bias of its own tuning seeds, and the sides pair by seed (``paired_gaps``)."""
     from .train import flops_per_token
 
+    if rerank < 0 or rerank_seeds < 1 or eval_seeds < 0:
+        raise ConfigError("--rerank and --eval-seeds take counts ≥ 0, --rerank-seeds ≥ 1")
     spec, proxies, target_depth = _prepare(
         spec_path, target_width, target_depth, proxy_width, proxy_depth, sp and sp_spec is None
     )
@@ -373,6 +425,10 @@ def run_tuned_transfer(
                   for r in sp_pool if r.config.param.kind == "sp"] if sp else []  # fmt: skip
     if sp and not sp_targets:
         raise ConfigError(f"{sp_from.path} has no SP runs (grid param); add param = ['sp']")
+    # extra seeds come after every seed either side's spec uses: reranking, then evaluation
+    last = max(r.config.train.seed for r in [*mup, *sp_targets])
+    more = list(range(last + 1, last + 1 + rerank_seeds)) if rerank else []
+    fresh = list(range(last + 1 + len(more), last + 1 + len(more) + eval_seeds))
 
     def sweep(runs: list[Run], name: str, where: SweepSpec = spec) -> dict[str, dict[str, Any]]:
         run_sweep(dataclasses.replace(where, name=name, runs=runs), executor=executor,
@@ -389,41 +445,69 @@ def run_tuned_transfer(
             seconds += row.get("wall_time") or 0.0
         return flops, seconds
 
+    def tune(
+        groups: dict[tuple, list[Run]], rows: dict[str, dict[str, Any]], where: SweepSpec, name: str
+    ) -> dict[tuple, tuple[list[Run], Run, float, int, dict[str, Any]]]:
+        """Per side: (its tuning runs with the rerank runs, the winning run, the winner's
+        seed-mean, the number of candidates, the rows of every run so far)."""
+        extra = {side: [_reseeded(where, next(r for r in runs if _candidate(r) == c), s)
+                        for c, loss in _ranked(runs, rows)[:rerank] if math.isfinite(loss)
+                        for s in more]
+                 for side, runs in groups.items()}  # fmt: skip
+        if any(extra.values()):
+            rows = {**rows, **sweep([r for rs in extra.values() for r in rs], name, where)}
+        out = {}
+        for side, runs in groups.items():
+            reranked = {_candidate(r) for r in extra[side]}
+            pool = [r for r in runs if not reranked or _candidate(r) in reranked] + extra[side]
+            best, loss = _ranked(pool, rows)[0]
+            if not math.isfinite(loss):
+                raise ConfigError(
+                    f"every candidate of {side[1]} {'μP' if side[2] == 'mup' else 'SP'} "
+                    "diverged or failed"
+                )
+            winner = next(r for r in pool if _candidate(r) == best)
+            out[side] = ([*runs, *extra[side]], winner, loss, len(_means(runs, rows)), rows)
+        return out
+
+    def split(runs: list[Run]) -> dict[tuple, list[Run]]:
+        groups: dict[tuple, list[Run]] = {}
+        for r in runs:
+            groups.setdefault(_side(r), []).append(r)
+        return groups
+
     sides: list[Tuned] = []
-    proxy_rows = sweep(mup, spec.name)
-    groups: dict[tuple, list[Run]] = {}
-    for r in mup:
-        groups.setdefault(_side(r), []).append(r)
-    finals: list[tuple[tuple, list[Run], str, float, int]] = []
-    for side, runs in groups.items():
-        best, loss, n = _best(runs, proxy_rows)
-        if not math.isfinite(loss):
-            raise ConfigError(f"every proxy candidate of {side[1]} μP diverged or failed")
-        winners = [r for r in runs if _candidate(r) == best]
-        targets = [_target_run(spec, r, target_width, target_depth) for r in winners]
-        finals.append((side, targets, best, loss, n))
-    target_rows = sweep([t for _, ts, *_ in finals for t in ts], f"{spec.name}-transfer")
-    for side, targets, best, loss, n in finals:
-        runs = groups[side]
-        winner = next(r for r in runs if _candidate(r) == best)
-        tuning, final = cost(runs, proxy_rows), cost(targets, target_rows)
-        sides.append(_tuned(side, (p_width, p_depth), n, runs, winner, loss, targets,
-                            target_rows, tuning, final))  # fmt: skip
+    tuned = tune(split(mup), sweep(mup, spec.name), spec, f"{spec.name}-rerank")
+    finals = {side: [_target_run(spec, r, target_width, target_depth) for r in
+                     ([_reseeded(spec, winner, s) for s in fresh] if fresh else
+                      [r for r in runs if _candidate(r) == _candidate(winner)])]
+              for side, (runs, winner, *_) in tuned.items()}  # fmt: skip
+    target_rows = sweep([t for ts in finals.values() for t in ts], f"{spec.name}-transfer")
+    for side, (runs, winner, loss, n, rows) in tuned.items():
+        final = cost(finals[side], target_rows)
+        sides.append(_tuned(side, (p_width, p_depth), n, runs, winner, loss, finals[side],
+                            target_rows, cost(runs, rows), final))  # fmt: skip
     if sp:
-        sp_rows = sweep(sp_targets, f"{sp_from.name}-sp-at-target", sp_from)
-        by_side: dict[tuple, list[Run]] = {}
-        for r in sp_targets:
-            by_side.setdefault(_side(r), []).append(r)
-        for side, runs in by_side.items():
-            best, loss, n = _best(runs, sp_rows)
-            winners = [r for r in runs if _candidate(r) == best]
-            sides.append(_tuned(side, (target_width, target_depth), n, runs, winners[0], loss,
-                                winners, sp_rows, cost(runs, sp_rows), (0.0, 0.0)))  # fmt: skip
+        name = f"{sp_from.name}-sp-at-target"
+        at_target = tune(split(sp_targets), sweep(sp_targets, name, sp_from), sp_from,
+                         f"{sp_from.name}-sp-rerank")  # fmt: skip
+        for side, (runs, winner, loss, n, rows) in at_target.items():
+            if fresh:
+                evals = [_reseeded(sp_from, winner, s) for s in fresh]
+                eval_rows = sweep(evals, f"{sp_from.name}-sp-eval", sp_from)
+                final = cost(evals, eval_rows)
+            else:  # measured on its own tuning seeds
+                evals = [r for r in runs if _candidate(r) == _candidate(winner)]
+                eval_rows, final = rows, (0.0, 0.0)
+            sides.append(_tuned(side, (target_width, target_depth), n, runs, winner, loss,
+                                evals, eval_rows, cost(runs, rows), final))  # fmt: skip
     # one file per spec: two searches sharing a store keep their own results
     out = spec.store.parent / f"tuned_transfer_{spec.name}_{target_width}x{target_depth}.json"
     write_json(out, {"spec": str(spec.path), "proxy": {"width": p_width, "depth": p_depth},
                      "target": {"width": target_width, "depth": target_depth},
-                     "sides": [s.to_json() for s in sides]})  # fmt: skip
+                     "rerank": {"top": rerank, "seeds": more}, "eval_seeds": fresh,
+                     "sides": [s.to_json() for s in sides],
+                     "paired": paired_gaps(sides)})  # fmt: skip
     return TunedResult(sides, (p_width, p_depth), (target_width, target_depth), out)
 
 
@@ -435,6 +519,7 @@ def _tuned(side, tuned_at, n, runs, winner, loss, targets, rows, tuning, final) 
         hps={k: flat[k] for k in _swept(runs) if k in flat}, tuned_loss=loss,
         target_losses=[row["best_val_loss"] if row and row["status"] == "ok" else None
                        for row in done],
+        target_seeds=[t.config.train.seed for t in targets],
         tuning_flops=tuning[0], tuning_seconds=tuning[1], final_flops=final[0],
         final_seconds=final[1], arch=side[0],
     )  # fmt: skip
