@@ -628,6 +628,53 @@ def test_only_restricts_the_runs_by_grid_value(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.toml"]
 
 
+def test_near_best_keeps_the_lrs_near_each_groups_stored_optimum(tmp_path, capsys):
+    """--near-best K: per group (runs differing only in LR and seed) the LRs within K grid
+    steps of the seed-mean argmin of the stored rows; a diverged seed makes its LR never
+    best; a group with an LR not yet stored keeps every run."""
+    lrs = [0.001, 0.002, 0.004, 0.008, 0.016]
+    spec_path = write_spec(tmp_path, f"width = [16, 32, 48]\nlr = {lrs}\nseed = [0, 1, 2]")
+    spec = S.load_spec(spec_path)
+
+    def at(width, lr, seed):
+        return next(r for r in spec.runs if r.point == {**r.point, "width": width, "lr": lr,
+                                                        "seed": seed})  # fmt: skip
+
+    rows = {}
+    # width 16: seed 0 best at 0.008, but seed 1 diverged there -> best 0.016 (mean of seeds
+    # 0 and 1 at each LR; seed 2 not stored anywhere, that is fine)
+    for lr, (a, b) in zip(lrs, [(3.0, 3.0), (2.8, 2.8), (2.6, 2.6), (2.0, None), (2.5, 2.5)],
+                          strict=True):  # fmt: skip
+        for seed, loss in ((0, a), (1, b)):
+            status = "ok" if loss is not None else "diverged"
+            rows[at(16, lr, seed).id] = {"status": status, "best_val_loss": loss}
+    # width 32: best at the smallest LR
+    for i, lr in enumerate(lrs):
+        rows[at(32, lr, 0).id] = {"status": "ok", "best_val_loss": 2.0 + i}
+    # width 48: one LR only failed so far -> not judged, every run kept
+    for i, lr in enumerate(lrs):
+        rows[at(48, lr, 0).id] = {"status": "failed" if i == 2 else "ok", "best_val_loss": 1.0}
+
+    def kept(steps):
+        out = S.near_best(spec, steps, rows)
+        return {w: sorted({r.point["lr"] for r in out.runs if r.point["width"] == w})
+                for w in (16, 32, 48)}  # fmt: skip
+
+    assert kept(1) == {16: [0.008, 0.016], 32: [0.001, 0.002], 48: lrs}
+    assert kept(0) == {16: [0.016], 32: [0.001], 48: lrs}
+    assert kept(2) == {16: [0.004, 0.008, 0.016], 32: [0.001, 0.002, 0.004], 48: lrs}
+    assert len(S.near_best(spec, 1, rows).runs) == 3 * (2 + 2 + 5)  # every seed of a kept LR
+
+    # CLI: no store yet -> nothing can be judged, all runs listed; bad K is a one-line error
+    assert main(["sweep", str(spec_path), "--dry-run", "--near-best", "1", "--only", "seed=1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("--near-best 1: 45 of 45 runs") and len(out) == 1 + 15 + 1
+    assert main(["sweep", str(spec_path), "--dry-run", "--near-best", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--near-best takes a number of LR grid steps" in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.toml"]
+
+
 # ----------------------------------------------------------------------------- stacked runs
 
 

@@ -156,6 +156,15 @@ def _parser() -> argparse.ArgumentParser:
         help="only the runs whose grid KEY is VALUE, e.g. --only arch=llama --only param=mup",
     )
 
+    sw.add_argument(
+        "--near-best",
+        type=int,
+        default=None,
+        metavar="K",
+        help="only the runs within K LR grid steps of their group's stored best LR (seed "
+        "mean), e.g. the second seed where it decides the optimum: --near-best 1 --only seed=1",
+    )
+
     tr = sub.add_parser(
         "transfer",
         help="sweep a proxy model, train the target with its best LR under μP (and SP)",
@@ -467,9 +476,20 @@ def _coord_check(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .sweep import dry_run_lines, load_spec, restrict, run_sweep
+    from .store import RunStore
+    from .sweep import dry_run_lines, load_spec, near_best, restrict, run_sweep
 
-    spec = restrict(load_spec(args.spec), args.only)
+    spec = load_spec(args.spec)
+    if args.near_best is not None:
+        rows = {}
+        if spec.store.exists():
+            with RunStore(spec.store, create=False) as store:
+                rows = {row["id"]: row for row in store.rows()}
+        every = len(spec.runs)
+        spec = near_best(spec, args.near_best, rows)
+        print(f"--near-best {args.near_best}: {len(spec.runs)} of {every} runs (groups not yet "
+              "finished at every LR keep all)")  # fmt: skip
+    spec = restrict(spec, args.only)
     if args.dry_run:
         print("\n".join(dry_run_lines(spec)))
         return 0

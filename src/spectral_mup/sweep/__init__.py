@@ -81,6 +81,7 @@ from .spec import (
     SweepSpec,
     canonical_config,
     load_spec,
+    near_best,
     restrict,
     run_id,
 )
@@ -98,6 +99,7 @@ __all__ = [
     "dry_run_lines",
     "execute",
     "load_spec",
+    "near_best",
     "restrict",
     "row_for",
     "run_id",

@@ -227,6 +227,40 @@ def restrict(spec: SweepSpec, only: Iterable[str]) -> SweepSpec:
     return dataclasses.replace(spec, runs=runs)
 
 
+def near_best(spec: SweepSpec, steps: int, rows: dict[str, dict[str, Any]]) -> SweepSpec:
+    """The runs of ``spec`` at most ``steps`` LR grid steps from their group's best LR, a
+    group being the runs that differ only in LR and seed, and its best LR the argmin of the
+    seed-mean best val loss over the stored ``rows`` (by run id; a diverged seed makes an LR
+    never best). A group with an LR not yet finished keeps every run: it cannot be judged.
+    For spending more seeds where they decide the optimum (``--near-best``)."""
+    if steps < 0:
+        raise ConfigError(f"--near-best takes a number of LR grid steps ≥ 0, got {steps}")
+    if any("lr" not in r.point for r in spec.runs):
+        raise ConfigError(f"--near-best needs an LR grid ([grid] lr) in {spec.path}")
+    groups: dict[str, list[Run]] = {}
+    for r in spec.runs:
+        rest = {k: v for k, v in r.point.items() if k not in ("lr", "seed")}
+        groups.setdefault(json.dumps(rest, sort_keys=True, default=str), []).append(r)
+    keep: set[str] = set()
+    for runs in groups.values():
+        losses: dict[float, list[float]] = {}
+        for r in runs:
+            row = rows.get(r.id)
+            if row is None or row["status"] not in ("ok", "diverged"):
+                continue
+            ok = row["status"] == "ok" and row["best_val_loss"] is not None
+            losses.setdefault(r.point["lr"], []).append(row["best_val_loss"] if ok else math.inf)
+        lrs = sorted({r.point["lr"] for r in runs})
+        if set(losses) != set(lrs):
+            keep.update(r.id for r in runs)
+            continue
+        means = [sum(losses[lr]) / len(losses[lr]) for lr in lrs]
+        best = min(range(len(lrs)), key=lambda i: (means[i], i))
+        near = {lr for i, lr in enumerate(lrs) if abs(i - best) <= steps}
+        keep.update(r.id for r in runs if r.point["lr"] in near)
+    return dataclasses.replace(spec, runs=[r for r in spec.runs if r.id in keep])
+
+
 def _same(value: Any, text: str) -> bool:
     if str(value).lower() == text.lower():
         return True
