@@ -23,8 +23,16 @@ def models(arch, ps, seeds, **shape):
 
 
 @pytest.mark.parametrize("arch", ["gpt", "llama"])
-def test_stacked_forward_is_each_runs_forward(arch):
-    ps = [Parametrization(base_width=16, **hp) for hp in ({}, {"readout_scale": 1.0}, {})]
+@pytest.mark.parametrize(
+    "hps",
+    [
+        ({}, {"readout_scale": 1.0}, {}),
+        # forward multipliers of their own: one value per run in the stack (PerRun)
+        ({}, {"readout_scale": 0.5, "attention_mult": 2.0}, {"attention_mult": 0.7}),
+    ],
+)
+def test_stacked_forward_is_each_runs_forward(arch, hps):
+    ps = [Parametrization(base_width=16, **hp) for hp in hps]
     singles = models(arch, ps, seeds=(0, 1, 2))
     stacked = stack(singles)
     x = torch.randint(0, 65, (3, 4, 16))
@@ -92,6 +100,10 @@ def test_inactive_runs_keep_their_weights_and_unsupported_models_are_refused():
     after = stacked.run_state(1)
     assert all(torch.equal(before[n], after[n]) for n in before)
     assert not torch.equal(stacked.run_state(0)["wte.weight"], singles[0].wte.weight)
+    other = models("gpt", ps, seeds=(0, 1))
+    other[1].ln_f.eps = 1e-3  # a number the stack would take from the first run
+    with pytest.raises(NotBatchable, match=r"ln_f\.eps differs between the runs"):
+        stack(other)
     tied = [GPT(GPTConfig(**SHAPE, tie_weights=True), Parametrization(base_width=16))] * 2
     with pytest.raises(NotBatchable, match="tied"):
         stack(tied)
@@ -144,7 +156,10 @@ def _configs(root, optimizer="adamw", lrs=(0.004, 0.016, 50.0), per_run=({}, {},
     cfgs = []
     for i, (lr, wd) in enumerate(zip(lrs, (0.0, 0.1, 0.0), strict=True)):
         values = {s: dict(v) for s, v in base.items()}
-        values["optim"].update(lr=lr, weight_decay=wd, **per_run[i])
+        values["optim"].update(lr=lr, weight_decay=wd)
+        for key, value in per_run[i].items():  # an [optim] option, or "section.key"
+            section, _, name = key.rpartition(".")
+            values[section or "optim"][name] = value
         values["train"].update(seed=i, out_dir=str(root / str(i)))
         cfgs.append(build_config(values))
     return cfgs
@@ -245,10 +260,24 @@ def test_runs_with_their_own_optimizer_options_stack_per_run(tmp_path):
         for key in ("best_val_loss", "final_val_loss", "final_train_loss"):
             assert g[key] == pytest.approx(w[key], rel=1e-5), key
     assert len({g["best_val_loss"] for g in got}) == 3
-    # the forward multipliers are the model's: runs that differ in them do not stack
     a = load_config(None)
-    for section, key in (("param", "readout_scale"), ("param", "attention_mult")):
-        b = replace(a, **{section: {key: 2.0}})
-        with pytest.raises(NotBatchable, match="differ beyond"):
-            check_stackable([a, b])
-    assert stack_key(a) == stack_key(replace(a, optim={"eps": 1e-6}, param={"init_std": 0.04}))
+    b = replace(a, optim={"eps": 1e-6}, param={"init_std": 0.04, "readout_scale": 2.0,
+                                                "attention_mult": 0.5})  # fmt: skip
+    assert stack_key(a) == stack_key(b)
+    check_stackable([a, b])
+    with pytest.raises(NotBatchable, match="differ beyond"):
+        check_stackable([a, replace(a, param={"depth_alpha": 0.5})])
+
+
+@pytest.mark.parametrize(("optimizer", "mode"), [("adamw", "slices"), ("muon", "runs")])
+def test_runs_with_their_own_forward_multipliers_share_a_stack(tmp_path, optimizer, mode):
+    """Runs that differ in the readout constant and attention temperature (a random
+    search's trials) train as one stack; results equal train.run's (measured max relative
+    difference 1.0e-7 AdamW, 5.9e-8 Muon, 1 and 2 threads; the bound leaves 100×)."""
+    per_run = ({"param.readout_scale": 0.5, "param.attention_mult": 2.0},
+               {}, {"param.attention_mult": 0.6, "param.readout_scale": 3.0})  # fmt: skip
+    got, want = _stack_vs_single(tmp_path, optimizer, (0.004, 0.016, 0.008), mode, per_run)
+    for g, w in zip(got, want, strict=True):
+        assert g["status"] == w["status"] == "ok"
+        for key in ("best_val_loss", "final_val_loss", "final_train_loss"):
+            assert g[key] == pytest.approx(w[key], rel=1e-5), key

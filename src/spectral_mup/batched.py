@@ -2,7 +2,8 @@
 
 A sweep's runs are small and of few shapes, so a process spends most of a step in per-op
 overhead. Stacking K runs that share a shape (their configs differ only in LR, weight
-decay, seed and per-role LR/init multipliers) turns K small ops into one batched op:
+decay, seed and the per-role LR, init and forward multipliers) turns K small ops into one
+batched op:
 
 - ``stack(models)`` copies the first model and replaces each of its layers (``nn.Linear``,
   ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm``) by a stacked layer whose weight is the
@@ -10,9 +11,11 @@ decay, seed and per-role LR/init multipliers) turns K small ops into one batched
   in the batch dimension, run-major (``[K·B, ...]``), so the model's own forward — reshapes,
   attention (SDPA on ``[K·B, heads, T, d]``, no vmap fallback), residual and μP multipliers —
   runs unchanged; each stacked layer views its input as ``[K, B·…, features]`` and applies a
-  batched matmul (``bmm``), a per-run gather or a per-run norm gain. A model with any other
-  parameter-holding layer is refused (``NotBatchable``), so a sweep falls back to one run
-  per process instead of computing something else.
+  batched matmul (``bmm``), a per-run gather or a per-run norm gain. A forward multiplier
+  that differs between the runs becomes one value per run (``models.common.PerRun``). A
+  model with any other parameter-holding layer, or another number that differs between the
+  runs, is refused (``NotBatchable``), so a sweep falls back to one run per process instead
+  of computing something else.
 - ``SliceLR`` gives every run its own per-tensor LR and weight decay on top of an optimizer
   whose update is linear in the LR and whose state does not depend on it (AdamW, Lion,
   ADOPT, SGD): the wrapped optimizer steps with LR 1 and no decay, and each run's slice of
@@ -213,7 +216,37 @@ def stack(models: Sequence[nn.Module], *, leaves: bool = False) -> Stacked:
         stacked = kind([pm[name] for pm in per_model], shape, leaves)
         parent, _, attr = name.rpartition(".")
         setattr(inner.get_submodule(parent) if parent else inner, attr, stacked)
+    _per_run_numbers(inner, per_model)
     return Stacked(inner, shape, models if leaves else ())
+
+
+# the bundled models' forward multipliers (readout, attention scale, residual branch)
+_MULTIPLIERS = ("readout_multiplier", "scale", "branch_multiplier")
+
+
+def _per_run_numbers(inner: nn.Module, per_model: Sequence[dict[str, nn.Module]]) -> None:
+    """Every number a module of the stack holds (an attention scale, an ε, …) is the first
+    run's: equal in every run, or, for a bundled model's forward multiplier, one value per
+    run (``models.common.PerRun``); any other difference refuses (``NotBatchable``) rather
+    than train every run with the first one's value."""
+    from .models.common import PerRun
+
+    for name, module in inner.named_modules():
+        first = per_model[0][name]  # the run's own module (a stacked layer: its first layer)
+        for attr, value in vars(first).items():
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if attr.startswith("_") or not number:
+                continue
+            values = [vars(pm[name]).get(attr) for pm in per_model]
+            if all(v == value for v in values):
+                continue
+            ours = type(first).__module__.startswith("spectral_mup.models")
+            if attr not in _MULTIPLIERS or not ours or isinstance(module, _StackedLayer):
+                raise NotBatchable(
+                    f"{name or 'the model'}.{attr} differs between the runs ({values}): they "
+                    "train one by one"
+                )
+            setattr(module, attr, PerRun(values))
 
 
 # ------------------------------------------------------------------- per-run LR and decay
@@ -352,8 +385,9 @@ def _per_run_keys() -> set[tuple[str, str]]:
     """Config keys that may differ between the runs of one stack (everything else must
     match): every optimizer option but its name and Sophia's Hessian cadence (each run has
     its own optimizer; the slices mode needs them equal and otherwise steps per run), the
-    seed and run dir, and the per-role LR and init multipliers (param groups and init; the
-    forward multipliers ``readout_scale`` and ``attention_mult`` are the model's, shared)."""
+    seed and run dir, the per-role LR and init multipliers (param groups and init) and the
+    forward multipliers ``readout_scale`` and ``attention_mult`` (one value per run in the
+    stacked model, ``models.common.PerRun``)."""
     import dataclasses
 
     from .config import OptimSection
@@ -363,7 +397,7 @@ def _per_run_keys() -> set[tuple[str, str]]:
         ("train", "seed"),
         ("train", "out_dir"),
         *(("param", k) for k in ("lr_input", "lr_output", "lr_vector", "init_std", "init_input",
-                                 "init_output")),
+                                 "init_output", "readout_scale", "attention_mult")),
     }  # fmt: skip
 
 

@@ -4,6 +4,7 @@ model on the ``meta`` device at the base size and at a wider, deeper size."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -91,9 +92,29 @@ def positive_int(name: str, value) -> None:
         raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
 
 
-def scaled(x: torch.Tensor, multiplier: float) -> torch.Tensor:
+class PerRun:
+    """A multiplier with one value per run of a stack (``batched.stack``, where activations
+    carry the K runs in their first dimension, run-major): runs that differ in a forward
+    multiplier (``param.readout_scale``, ``param.attention_mult``) still share a stack."""
+
+    def __init__(self, values: Sequence[float]):
+        self.values = torch.tensor([float(v) for v in values], dtype=torch.float64)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with run k's rows (``x.shape[0] / K`` of them) times value k."""
+        k = self.values.numel()
+        factor = self.values.to(x.device, x.dtype).view(k, *([1] * x.dim()))
+        return (x.view(k, -1, *x.shape[1:]) * factor).view(x.shape)
+
+    def __repr__(self) -> str:
+        return f"PerRun({self.values.tolist()})"
+
+
+def scaled(x: torch.Tensor, multiplier: float | PerRun) -> torch.Tensor:
     """``x · multiplier``, with no op at all for a multiplier of 1 (SP's readout and residual
     branches, μP's at the base size): the same numbers, two ops less per branch in training."""
+    if isinstance(multiplier, PerRun):
+        return multiplier(x)
     return x if multiplier == 1.0 else x * multiplier
 
 
@@ -101,12 +122,15 @@ def attend(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    scale: float,
+    scale: float | PerRun,
     dropout: float = 0.0,
 ) -> torch.Tensor:
     """Causal attention of ``q`` (B, heads, T, d) over ``k``, ``v`` (B, kv_heads, T, d): each
-    key/value head serves a group of consecutive query heads. Returns (B, T, heads·d)."""
+    key/value head serves a group of consecutive query heads. Returns (B, T, heads·d). A
+    per-run scale (a stack's runs) multiplies each run's queries instead."""
     b, h, t, d = q.shape
+    if isinstance(scale, PerRun):
+        q, scale = scale(q), 1.0
     if k.shape[1] != h:
         group = h // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
