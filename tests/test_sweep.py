@@ -607,6 +607,7 @@ def test_tiny_depth_sweep_of_both_models_reports_per_model_and_alpha(tmp_path, c
     )
     capsys.readouterr()
     assert main(["report", str(tmp_path / "store.sqlite")]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith("deeper better SP  deeper better μP")
     summary = json.loads((tmp_path / "store_report" / "summary.json").read_text())
     studies = {(s["arch"], s["depth_alpha"], s["axis"]) for s in summary["studies"]}
     assert studies == {(a, al, "depth") for a in ("gpt", "llama") for al in (0.0, 0.5, 1.0)}

@@ -118,7 +118,9 @@ def comparison_table(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
     archs = len({r["arch"] for r in rows}) > 1
     hps = any(r.get("hps") for r in rows)
     head = ["optimizer", "axis", "α", "wd"] + (["HPs"] if hps else []) + ["drift SP", "drift μP"]
-    head += ["fit drift SP", "fit drift μP", "wider better SP", "wider better μP"]
+    axes = {r["axis"] for r in rows}
+    bigger = {"width": "wider", "depth": "deeper"}.get(*axes) if len(axes) == 1 else "bigger"
+    head += ["fit drift SP", "fit drift μP", f"{bigger} better SP", f"{bigger} better μP"]
     out = [(["sweep"] if sweeps else []) + (["model"] if archs else []) + head]
     for r in rows:
         line = ([r["sweep"]] if sweeps else []) + ([r["arch"]] if archs else [])
@@ -161,8 +163,8 @@ def markdown_report(
         "",
         "Drift: (max − min of log2 best LR over sizes) / (smallest log2 spacing of the LR grid);"
         " best LR = argmin of the seed-mean, fit = vertex of a parabola in log2(lr) through the"
-        " argmin and its neighbours. Wider better: at the transferred LR (best LR of the"
-        " narrowest size) the widest (deepest) model has the lower loss.",
+        " argmin and its neighbours. Wider (deeper, bigger) better: at the transferred LR (best"
+        " LR of the narrowest or shallowest size) the widest (deepest) model has the lower loss.",
         "",
         "Cells: mean ± sample std of the best val loss over seeds (n shown when a cell has"
         " fewer seeds); best per column in bold; `div` = a seed diverged (`div k/n`: k of n),"
