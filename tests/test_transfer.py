@@ -218,18 +218,21 @@ def test_tuned_transfer_with_an_sp_spec_tunes_sp_over_its_own_candidates(tmp_pat
 def test_tuned_transfer_reranks_the_best_candidates_and_pairs_fresh_seeds(tmp_path, capsys):
     """--rerank K --rerank-seeds S: each side's K best candidates (seed-mean of the spec's
     seeds) train again with S seeds after the spec's; the winner is the best of those K over
-    all their seeds. --eval-seeds N: both winners are measured at the target on N seeds after
-    those, and the printed gap pairs the two sides seed by seed."""
+    all their seeds. --refine-lr 1: then that winner at LR ×½ and ×2 on all its seeds, the
+    best of the three wins. --eval-seeds N: both winners are measured at the target on N
+    seeds after those, and the printed gap pairs the two sides seed by seed."""
     grid = 'optimizer = "adamw"\nparam = ["sp", "mup"]\nwidth = 16\ndepth = 1\n'
     grid += 'lr = [0.003, 0.03]\nseed = [0, 1]\n"param.lr_input" = [0.25, 4.0]'
     spec = write_spec(tmp_path, grid, budget="steps = 10", sweep="workers = 1")
     argv = ["transfer", str(spec), "--target-width", "32", "--tune", "--sp"]
-    assert main([*argv, "--rerank", "2", "--rerank-seeds", "1", "--eval-seeds", "2"]) == 0
+    flags = ["--rerank", "2", "--rerank-seeds", "1", "--refine-lr", "1", "--eval-seeds", "2"]
+    assert main([*argv, *flags]) == 0
     out = capsys.readouterr().out
     with RunStore(tmp_path / "store.sqlite", create=False) as store:
         rows = store.rows()
-    info = json.loads((tmp_path / "tuned_transfer_t_32x1.json").read_text())
+    info = json.loads((tmp_path / "tuned_transfer_t_32x1_rerank2x1_lr1_eval2.json").read_text())
     assert info["rerank"] == {"top": 2, "seeds": [2]} and info["eval_seeds"] == [3, 4]
+    assert info["refine_lr"] == 1
     mup, sp = info["sides"]
 
     def cells(sweeps, param):
@@ -240,9 +243,9 @@ def test_tuned_transfer_reranks_the_best_candidates_and_pairs_fresh_seeds(tmp_pa
                 out.setdefault(key, {})[r["seed"]] = r["best_val_loss"]
         return out
 
-    for side, tune, rerank, evals in [
-        (mup, "t", "t-rerank", "t-transfer"),
-        (sp, "t-sp-at-target", "t-sp-rerank", "t-sp-eval"),
+    for side, tune, rerank, line, evals in [
+        (mup, "t", "t-rerank", "t-lr", "t-transfer"),
+        (sp, "t-sp-at-target", "t-sp-rerank", "t-sp-lr", "t-sp-eval"),
     ]:
         first = cells({tune}, side["param"])
         assert all(set(v) == {0, 1} for v in first.values()) and len(first) == 4
@@ -250,17 +253,24 @@ def test_tuned_transfer_reranks_the_best_candidates_and_pairs_fresh_seeds(tmp_pa
         again = cells({rerank}, side["param"])
         assert sorted(again) == sorted(top2) and all(set(v) == {2} for v in again.values())
         full = {k: statistics.fmean([*first[k].values(), *again[k].values()]) for k in top2}
-        best = min(full, key=full.get)
+        reranked = min(full, key=full.get)
+        lrs = cells({line}, side["param"])  # ×½ and ×2, the reranked winner's seeds
+        assert sorted(k[0] / reranked[0] for k in lrs) == pytest.approx([0.5, 2.0])
+        assert {k[1] for k in lrs} == {reranked[1]}
+        assert all(set(v) == {0, 1, 2} for v in lrs.values())
+        full |= {k: statistics.fmean(v.values()) for k, v in lrs.items()}
+        best = min([reranked, *lrs], key=full.get)
         assert (side["hps"]["optim.lr"], side["hps"]["param.lr_input"]) == best
         assert side["tuned_loss"] == pytest.approx(full[best])
         measured = cells({evals}, side["param"])
         assert list(measured) == [best] and side["target_seeds"] == [3, 4]
         assert side["target_losses"] == pytest.approx([measured[best][3], measured[best][4]])
         assert side["trials"] == 4
-        tuning = [r for r in rows if r["sweep"] in (tune, rerank) and r["param"] == side["param"]]
-        assert len(tuning) == 10  # 4 candidates × 2 seeds + 2 reranked × 1 seed
+        mine = [r for r in rows if r["param"] == side["param"]]
+        tuning = [r for r in mine if r["sweep"] in (tune, rerank, line)]
+        assert len(tuning) == 16  # 4 candidates × 2 seeds + 2 reranked × 1 seed + 2 LRs × 3
         assert side["tuning_seconds"] == pytest.approx(sum(r["wall_time"] for r in tuning))
-        finals = [r for r in rows if r["sweep"] == evals and r["param"] == side["param"]]
+        finals = [r for r in mine if r["sweep"] == evals]
         assert side["final_seconds"] == pytest.approx(sum(r["wall_time"] for r in finals))
     gap = [a - b for a, b in zip(sp["target_losses"], mup["target_losses"], strict=True)]
     (paired,) = info["paired"]
@@ -271,6 +281,7 @@ def test_tuned_transfer_reranks_the_best_candidates_and_pairs_fresh_seeds(tmp_pa
     for extra, message in [
         (["--rerank-seeds", "0", "--rerank", "1"], "--rerank-seeds ≥ 1"),
         (["--eval-seeds", "-1"], "counts ≥ 0"),
+        (["--refine-lr", "-1"], "counts ≥ 0"),
     ]:
         assert main([*argv, *extra]) == 2
         err = capsys.readouterr().err.strip()

@@ -203,6 +203,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--rerank-seeds", type=int, default=2, metavar="S", help="default 2")
     tr.add_argument(
+        "--refine-lr",
+        type=int,
+        default=0,
+        metavar="K",
+        help="with --tune: then train each side's winner at LR × 2^±1 … 2^±K on all its "
+        "seeds and keep the best (default 0: no LR line search)",
+    )
+    tr.add_argument(
         "--eval-seeds",
         type=int,
         default=0,
@@ -504,11 +512,12 @@ def _transfer(args: argparse.Namespace) -> int:
 
     if args.sp_spec and not args.tune:
         raise ConfigError("--sp-spec goes with --tune --sp")
-    if (args.rerank or args.eval_seeds or args.rerank_seeds != 2) and not args.tune:
-        raise ConfigError("--rerank, --rerank-seeds and --eval-seeds go with --tune")
+    tuning = args.rerank or args.eval_seeds or args.refine_lr or args.rerank_seeds != 2
+    if tuning and not args.tune:
+        raise ConfigError("--rerank, --rerank-seeds, --refine-lr and --eval-seeds go with --tune")
     extra = (
         {"sp_spec": args.sp_spec, "rerank": args.rerank, "rerank_seeds": args.rerank_seeds,
-         "eval_seeds": args.eval_seeds}
+         "refine_lr": args.refine_lr, "eval_seeds": args.eval_seeds}
         if args.tune
         else {}
     )  # fmt: skip

@@ -334,15 +334,20 @@ def _ranked(runs: list[Run], rows: dict[str, dict[str, Any]]) -> list[tuple[str,
     return sorted(means.items(), key=lambda cm: (cm[1], cm[0]))
 
 
-def _reseeded(spec: SweepSpec, run: Run, seed: int) -> Run:
-    """The same configuration with another seed (its own id and run dir)."""
+def _variant(spec: SweepSpec, run: Run, *, seed: int | None = None, lr: float | None = None) -> Run:
+    """The same configuration with another seed and/or LR (its own id and run dir)."""
     cfg = run.config
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
+    train = cfg.train if seed is None else dataclasses.replace(cfg.train, seed=seed)
+    optim = cfg.optim if lr is None else dataclasses.replace(cfg.optim, lr=lr)
+    cfg = dataclasses.replace(cfg, train=train, optim=optim)
     rid = run_id(cfg)
     cfg = dataclasses.replace(
         cfg, train=dataclasses.replace(cfg.train, out_dir=str(spec.out_dir / rid))
     )
-    return Run(rid, cfg, {**run.point, "seed": seed})
+    point = {**run.point, **({} if seed is None else {"seed": seed})}
+    if lr is not None:
+        point["optim.lr" if "optim.lr" in point else "lr"] = lr
+    return Run(rid, cfg, point)
 
 
 def paired_gaps(sides: list[Tuned]) -> list[dict[str, Any]]:
@@ -385,6 +390,7 @@ def run_tuned_transfer(
     sp_spec: str | Path | None = None,
     rerank: int = 0,
     rerank_seeds: int = 2,
+    refine_lr: int = 0,
     eval_seeds: int = 0,
     executor: str | None = None,
     workers: int | None = None,
@@ -401,13 +407,19 @@ def run_tuned_transfer(
     ``rerank`` > 0: each side's best ``rerank`` candidates are trained again with
     ``rerank_seeds`` more seeds and the winner is the best of them over all their seeds (a
     noisy search's first ranking picks its winner partly by seed luck); these runs count as
-    tuning. ``eval_seeds`` > 0: both sides' winners are measured at the target on that many
-    fresh seeds, after every seed the tuning used — SP's loss is then free of the selection
-    bias of its own tuning seeds, and the sides pair by seed (``paired_gaps``)."""
+    tuning. ``refine_lr`` = K > 0: then the winner's LR × 2^±1 … 2^±K, its other HPs kept,
+    on every seed the winner has — a line search along the HP the loss is most sensitive
+    to, which a random search over several HPs samples coarsely — and the best of these is
+    the winner (tuning too). ``eval_seeds`` > 0: both sides' winners are measured at the
+    target on that many fresh seeds, after every seed the tuning used — SP's loss is then
+    free of the selection bias of its own tuning seeds, and the sides pair by seed
+    (``paired_gaps``)."""
     from .train import flops_per_token
 
-    if rerank < 0 or rerank_seeds < 1 or eval_seeds < 0:
-        raise ConfigError("--rerank and --eval-seeds take counts ≥ 0, --rerank-seeds ≥ 1")
+    if rerank < 0 or rerank_seeds < 1 or eval_seeds < 0 or refine_lr < 0:
+        raise ConfigError(
+            "--rerank, --refine-lr and --eval-seeds take counts ≥ 0, --rerank-seeds ≥ 1"
+        )
     spec, proxies, target_depth = _prepare(
         spec_path, target_width, target_depth, proxy_width, proxy_depth, sp and sp_spec is None
     )
@@ -448,26 +460,53 @@ def run_tuned_transfer(
     def tune(
         groups: dict[tuple, list[Run]], rows: dict[str, dict[str, Any]], where: SweepSpec, name: str
     ) -> dict[tuple, tuple[list[Run], Run, float, int, dict[str, Any]]]:
-        """Per side: (its tuning runs with the rerank runs, the winning run, the winner's
-        seed-mean, the number of candidates, the rows of every run so far)."""
-        extra = {side: [_reseeded(where, next(r for r in runs if _candidate(r) == c), s)
-                        for c, loss in _ranked(runs, rows)[:rerank] if math.isfinite(loss)
-                        for s in more]
-                 for side, runs in groups.items()}  # fmt: skip
-        if any(extra.values()):
-            rows = {**rows, **sweep([r for rs in extra.values() for r in rs], name, where)}
-        out = {}
-        for side, runs in groups.items():
-            reranked = {_candidate(r) for r in extra[side]}
-            pool = [r for r in runs if not reranked or _candidate(r) in reranked] + extra[side]
+        """Per side: (its tuning runs, rerank and LR refinement included, the winning run,
+        the winner's seed-mean, the number of candidates, the rows of every run so far)."""
+
+        def first(runs: list[Run], candidate: str) -> Run:
+            return next(r for r in runs if _candidate(r) == candidate)
+
+        def winner(side: tuple, pool: list[Run]) -> tuple[Run, float]:
             best, loss = _ranked(pool, rows)[0]
             if not math.isfinite(loss):
                 raise ConfigError(
                     f"every candidate of {side[1]} {'μP' if side[2] == 'mup' else 'SP'} "
                     "diverged or failed"
                 )
-            winner = next(r for r in pool if _candidate(r) == best)
-            out[side] = ([*runs, *extra[side]], winner, loss, len(_means(runs, rows)), rows)
+            return first(pool, best), loss
+
+        def train(extra: dict[tuple, list[Run]], suffix: str) -> None:
+            nonlocal rows
+            if any(extra.values()):
+                runs = [r for rs in extra.values() for r in rs]
+                rows = {**rows, **sweep(runs, f"{name}-{suffix}", where)}
+
+        extra = {side: [_variant(where, first(runs, c), seed=s)
+                        for c, loss in _ranked(runs, rows)[:rerank] if math.isfinite(loss)
+                        for s in more]
+                 for side, runs in groups.items()}  # fmt: skip
+        train(extra, "rerank")
+        pools = {}
+        for side, runs in groups.items():
+            reranked = {_candidate(r) for r in extra[side]}
+            pools[side] = [r for r in runs if not reranked or _candidate(r) in reranked]
+            pools[side] += extra[side]
+        # LR line search at the winner's other HPs, on every seed the winner has
+        steps = [k for k in range(-refine_lr, refine_lr + 1) if k]
+        lines = {}
+        for side, pool in pools.items():
+            best = winner(side, pool)[0]
+            seeds = sorted({r.config.train.seed for r in pool if _candidate(r) == _candidate(best)})
+            lines[side] = [_variant(where, best, seed=s, lr=best.config.optim.lr * 2.0**k)
+                           for k in steps for s in seeds]  # fmt: skip
+        train(lines, "lr")
+        out = {}
+        for side, runs in groups.items():
+            best = winner(side, pools[side])[0]
+            line = [r for r in pools[side] if _candidate(r) == _candidate(best)] + lines[side]
+            win, loss = winner(side, line)
+            every = [*runs, *extra[side], *lines[side]]
+            out[side] = (every, win, loss, len(_means(runs, rows)), rows)
         return out
 
     def split(runs: list[Run]) -> dict[tuple, list[Run]]:
@@ -477,9 +516,9 @@ def run_tuned_transfer(
         return groups
 
     sides: list[Tuned] = []
-    tuned = tune(split(mup), sweep(mup, spec.name), spec, f"{spec.name}-rerank")
+    tuned = tune(split(mup), sweep(mup, spec.name), spec, spec.name)
     finals = {side: [_target_run(spec, r, target_width, target_depth) for r in
-                     ([_reseeded(spec, winner, s) for s in fresh] if fresh else
+                     ([_variant(spec, winner, seed=s) for s in fresh] if fresh else
                       [r for r in runs if _candidate(r) == _candidate(winner)])]
               for side, (runs, winner, *_) in tuned.items()}  # fmt: skip
     target_rows = sweep([t for ts in finals.values() for t in ts], f"{spec.name}-transfer")
@@ -490,10 +529,10 @@ def run_tuned_transfer(
     if sp:
         name = f"{sp_from.name}-sp-at-target"
         at_target = tune(split(sp_targets), sweep(sp_targets, name, sp_from), sp_from,
-                         f"{sp_from.name}-sp-rerank")  # fmt: skip
+                         f"{sp_from.name}-sp")  # fmt: skip
         for side, (runs, winner, loss, n, rows) in at_target.items():
             if fresh:
-                evals = [_reseeded(sp_from, winner, s) for s in fresh]
+                evals = [_variant(sp_from, winner, seed=s) for s in fresh]
                 eval_rows = sweep(evals, f"{sp_from.name}-sp-eval", sp_from)
                 final = cost(evals, eval_rows)
             else:  # measured on its own tuning seeds
@@ -501,11 +540,16 @@ def run_tuned_transfer(
                 eval_rows, final = rows, (0.0, 0.0)
             sides.append(_tuned(side, (target_width, target_depth), n, runs, winner, loss,
                                 evals, eval_rows, cost(runs, rows), final))  # fmt: skip
-    # one file per spec: two searches sharing a store keep their own results
-    out = spec.store.parent / f"tuned_transfer_{spec.name}_{target_width}x{target_depth}.json"
+    # one file per spec and protocol: two searches sharing a store keep their own results
+    protocol = "".join(f"_{flag}{n}" for flag, n in (
+        ("rerank", f"{rerank}x{rerank_seeds}" if rerank else 0), ("lr", refine_lr),
+        ("eval", eval_seeds)) if n)  # fmt: skip
+    name = f"tuned_transfer_{spec.name}_{target_width}x{target_depth}{protocol}.json"
+    out = spec.store.parent / name
     write_json(out, {"spec": str(spec.path), "proxy": {"width": p_width, "depth": p_depth},
                      "target": {"width": target_width, "depth": target_depth},
-                     "rerank": {"top": rerank, "seeds": more}, "eval_seeds": fresh,
+                     "rerank": {"top": rerank, "seeds": more}, "refine_lr": refine_lr,
+                     "eval_seeds": fresh,
                      "sides": [s.to_json() for s in sides],
                      "paired": paired_gaps(sides)})  # fmt: skip
     return TunedResult(sides, (p_width, p_depth), (target_width, target_depth), out)
