@@ -99,12 +99,15 @@ class PerRun:
 
     def __init__(self, values: Sequence[float]):
         self.values = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        self._on: dict[tuple, torch.Tensor] = {}  # per (device, dtype): no copy per forward
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` with run k's rows (``x.shape[0] / K`` of them) times value k."""
         k = self.values.numel()
-        factor = self.values.to(x.device, x.dtype).view(k, *([1] * x.dim()))
-        return (x.view(k, -1, *x.shape[1:]) * factor).view(x.shape)
+        factor = self._on.get((x.device, x.dtype))
+        if factor is None:
+            factor = self._on.setdefault((x.device, x.dtype), self.values.to(x.device, x.dtype))
+        return (x.view(k, -1, *x.shape[1:]) * factor.view(k, *([1] * x.dim()))).view(x.shape)
 
     def __repr__(self) -> str:
         return f"PerRun({self.values.tolist()})"
