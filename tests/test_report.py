@@ -140,6 +140,31 @@ def test_other_swept_hps_are_other_studies_paired_sp_with_mup() -> None:
     ]
 
 
+def test_seed_noise_compares_the_gap_to_the_better_neighbour_with_its_standard_error() -> None:
+    """Per size: the gap from the argmin to the better neighbouring LR and the standard
+    error of that gap from both cells' seeds; the report names the sizes where it is
+    under 2 SE (the argmin is not decided by these seeds)."""
+    # width 64: neighbours 0.1 worse, seeds ±0.01 -> se = sqrt(2 · 0.0002 / 2) = 0.01414
+    # width 128: the right neighbour only 0.005 worse -> within noise
+    # width 256: one seed per cell -> no estimate
+    rows = []
+    for k, (a, b) in {-9: (2.1, 2.1), -8: (2.0, 2.0), -7: (2.1, 2.005)}.items():
+        for width, extra in ((64, a), (128, b)):
+            rows += [row(width=width, lr=2.0**k, seed=s, best_val_loss=extra + o)
+                     for s, o in NOISE.items()]  # fmt: skip
+        rows.append(row(width=256, lr=2.0**k, seed=0, best_val_loss=a))
+    (study,) = build_studies(rows)
+    t = transfer_summary(study)
+    se = math.sqrt(2 * (0.01 * math.sqrt(2)) ** 2 / 2)
+    assert t.noise[64] == pytest.approx((0.1, se))
+    assert t.noise[128] == pytest.approx((0.005, se))
+    assert t.noise[256] is None
+    assert t.within_noise() == [128]
+    text = build_report(rows, "store").markdown
+    assert "the argmin is within 2 SE of a neighbour at width 128:" in text
+    assert t.to_json()["noise"]["64"] == pytest.approx({"gap": 0.1, "se": se})
+
+
 def test_wider_better_without_monotone() -> None:
     # at the transferred LR (2^-8): 2.0, 2.1, 1.9 → widest beats narrowest, not monotone
     rows = [

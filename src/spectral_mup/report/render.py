@@ -109,6 +109,15 @@ def transfer_text(t: Transfer) -> str:
         lines.append("- an optimum at the grid edge may lie outside the grid: extend the LRs")
     if 0 < t.min_seeds < 2:
         lines.append("- a best cell has fewer than 2 seeds: its optimum is within seed noise")
+    gaps = {s: g for s, g in t.noise.items() if g is not None}
+    if gaps:
+        text = ", ".join(f"{s}: {g:.4f} vs {se:.4f}" for s, (g, se) in gaps.items())
+        close = t.within_noise()
+        verdict = (f"the argmin is within 2 SE of a neighbour at {axis} "
+                   f"{', '.join(map(str, close))}: more seeds there, or read the fitted optimum"
+                   if close else "every argmin is 2 SE clear of its neighbours")  # fmt: skip
+        lines.append(f"- seed noise (gap to the better neighbouring LR vs its SE): {text}; "
+                     f"{verdict}")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
@@ -38,6 +38,13 @@ class Transfer:
     wider_better: bool | None
     monotone: bool | None
     min_seeds: int  # fewest ok seeds in the best cell of a size
+    # per size: (loss gap from the best LR to its better neighbouring LR, standard error of
+    # that gap from the two cells' seeds); None without a neighbour or with < 2 seeds
+    noise: dict[int, tuple[float, float] | None] = field(default_factory=dict)
+
+    def within_noise(self) -> list[int]:
+        """The sizes whose argmin is less than 2 standard errors better than a neighbour."""
+        return [s for s, g in self.noise.items() if g is not None and g[0] < 2 * g[1]]
 
     def to_json(self) -> dict[str, Any]:
         def num(x: float | None) -> float | None:
@@ -75,6 +82,10 @@ class Transfer:
             "wider_better": self.wider_better,
             "monotone": self.monotone,
             "min_seeds": self.min_seeds,
+            "noise": {
+                str(k): None if v is None else {"gap": v[0], "se": v[1]}
+                for k, v in self.noise.items()
+            },
         }
 
 
@@ -101,6 +112,24 @@ def _drift(lrs: Iterable[float | None], step: float | None) -> float | None:
     if step is None or len(logs) < 2:
         return None
     return (max(logs) - min(logs)) / step
+
+
+def _noise(study: Study, size: int, lr: float | None) -> tuple[float, float] | None:
+    """(gap, its standard error) between the best cell of a column and the better of its
+    neighbouring LRs; None without a finite neighbour or with fewer than 2 seeds in either."""
+    if lr is None:
+        return None
+    column = study.column(size)
+    i = [c[0] for c in column].index(lr)
+    near = [column[j] for j in (i - 1, i + 1) if 0 <= j < len(column)]
+    near = [c for c in near if math.isfinite(c[1])]
+    if not near:
+        return None
+    best, runner = study.cell(lr, size), study.cell(min(near, key=lambda c: c[1])[0], size)
+    if best is None or runner is None or min(len(best.losses), len(runner.losses)) < 2:
+        return None
+    se = math.sqrt(best.std**2 / len(best.losses) + runner.std**2 / len(runner.losses))
+    return runner.mean - best.mean, se
 
 
 def transfer_summary(study: Study) -> Transfer:
@@ -148,6 +177,7 @@ def transfer_summary(study: Study) -> Transfer:
         wider_better=wider,
         monotone=monotone,
         min_seeds=min((n for n in best_n.values() if n), default=0),
+        noise={size: _noise(study, size, best_lr[size]) for size in study.sizes},
     )
 
 
