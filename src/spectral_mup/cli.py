@@ -201,7 +201,7 @@ def _parser() -> argparse.ArgumentParser:
         help="with --tune: train each side's best K candidates again with --rerank-seeds more "
         "seeds and pick the winner over all their seeds (default 0: no rerank)",
     )
-    tr.add_argument("--rerank-seeds", type=int, default=2, metavar="S", help="default 2")
+    tr.add_argument("--rerank-seeds", type=int, default=None, metavar="S", help="default 2")
     tr.add_argument(
         "--refine-lr",
         type=int,
@@ -512,15 +512,12 @@ def _transfer(args: argparse.Namespace) -> int:
 
     if args.sp_spec and not args.tune:
         raise ConfigError("--sp-spec goes with --tune --sp")
-    tuning = args.rerank or args.eval_seeds or args.refine_lr or args.rerank_seeds != 2
-    if tuning and not args.tune:
+    tuning = {"rerank": args.rerank, "rerank_seeds": args.rerank_seeds,
+              "refine_lr": args.refine_lr, "eval_seeds": args.eval_seeds}  # fmt: skip
+    tuning = {k: v for k, v in tuning.items() if v is not None}
+    if (args.rerank_seeds is not None or any(tuning.values())) and not args.tune:
         raise ConfigError("--rerank, --rerank-seeds, --refine-lr and --eval-seeds go with --tune")
-    extra = (
-        {"sp_spec": args.sp_spec, "rerank": args.rerank, "rerank_seeds": args.rerank_seeds,
-         "refine_lr": args.refine_lr, "eval_seeds": args.eval_seeds}
-        if args.tune
-        else {}
-    )  # fmt: skip
+    extra = {"sp_spec": args.sp_spec, **tuning} if args.tune else {}
     result = (run_tuned_transfer if args.tune else run_transfer)(
         args.spec,
         args.target_width,

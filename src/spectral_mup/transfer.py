@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import RunConfig
 from .errors import ConfigError
 from .fileio import write_json
 from .report import build_studies
@@ -90,14 +91,18 @@ def _proxy_runs(spec: SweepSpec, width: int | None, depth: int | None) -> list[R
     return [r for r in spec.runs if (r.config.model.width, r.config.model.depth) == (width, depth)]
 
 
-def _target_run(spec: SweepSpec, proxy: Run, width: int, depth: int) -> Run:
-    cfg = proxy.config
-    cfg = dataclasses.replace(cfg, model=cfg.model.resized(width, depth))
+def _placed(spec: SweepSpec, cfg: RunConfig, point: dict[str, Any]) -> Run:
+    """``cfg`` as a run of ``spec``: its own id and run dir under the spec's out_dir."""
     rid = run_id(cfg)
     cfg = dataclasses.replace(
         cfg, train=dataclasses.replace(cfg.train, out_dir=str(spec.out_dir / rid))
     )
-    return Run(rid, cfg, {**proxy.point, "width": width, "depth": depth})
+    return Run(rid, cfg, point)
+
+
+def _target_run(spec: SweepSpec, proxy: Run, width: int, depth: int) -> Run:
+    cfg = dataclasses.replace(proxy.config, model=proxy.config.model.resized(width, depth))
+    return _placed(spec, cfg, {**proxy.point, "width": width, "depth": depth})
 
 
 def _prepare(
@@ -339,15 +344,10 @@ def _variant(spec: SweepSpec, run: Run, *, seed: int | None = None, lr: float | 
     cfg = run.config
     train = cfg.train if seed is None else dataclasses.replace(cfg.train, seed=seed)
     optim = cfg.optim if lr is None else dataclasses.replace(cfg.optim, lr=lr)
-    cfg = dataclasses.replace(cfg, train=train, optim=optim)
-    rid = run_id(cfg)
-    cfg = dataclasses.replace(
-        cfg, train=dataclasses.replace(cfg.train, out_dir=str(spec.out_dir / rid))
-    )
     point = {**run.point, **({} if seed is None else {"seed": seed})}
     if lr is not None:
         point["optim.lr" if "optim.lr" in point else "lr"] = lr
-    return Run(rid, cfg, point)
+    return _placed(spec, dataclasses.replace(cfg, train=train, optim=optim), point)
 
 
 def paired_gaps(sides: list[Tuned]) -> list[dict[str, Any]]:
@@ -493,17 +493,17 @@ def run_tuned_transfer(
             pools[side] += extra[side]
         # LR line search at the winner's other HPs, on every seed the winner has
         steps = [k for k in range(-refine_lr, refine_lr + 1) if k]
-        lines = {}
-        for side, pool in pools.items():
-            best = winner(side, pool)[0]
-            seeds = sorted({r.config.train.seed for r in pool if _candidate(r) == _candidate(best)})
-            lines[side] = [_variant(where, best, seed=s, lr=best.config.optim.lr * 2.0**k)
-                           for k in steps for s in seeds]  # fmt: skip
+        bests = {side: winner(side, pool)[0] for side, pool in pools.items()}
+        kept = {side: [r for r in pools[side] if _candidate(r) == _candidate(best)]
+                for side, best in bests.items()}  # fmt: skip
+        lines = {side: [_variant(where, best, seed=r.config.train.seed,
+                                 lr=best.config.optim.lr * 2.0**k)
+                        for k in steps for r in kept[side]]
+                 for side, best in bests.items()}  # fmt: skip
         train(lines, "lr")
         out = {}
         for side, runs in groups.items():
-            best = winner(side, pools[side])[0]
-            line = [r for r in pools[side] if _candidate(r) == _candidate(best)] + lines[side]
+            line = kept[side] + lines[side]
             win, loss = winner(side, line)
             every = [*runs, *extra[side], *lines[side]]
             out[side] = (every, win, loss, len(_means(runs, rows)), rows)

@@ -106,7 +106,7 @@ class PerRun:
         k = self.values.numel()
         factor = self._on.get((x.device, x.dtype))
         if factor is None:
-            factor = self._on.setdefault((x.device, x.dtype), self.values.to(x.device, x.dtype))
+            factor = self._on[x.device, x.dtype] = self.values.to(x.device, x.dtype)
         return (x.view(k, -1, *x.shape[1:]) * factor.view(k, *([1] * x.dim()))).view(x.shape)
 
     def __repr__(self) -> str:
