@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
+import spectral_mup.probe  # noqa: F401  (the module: the package exports a function `probe`)
+from spectral_mup import rules
 from spectral_mup.config import load_config
+from spectral_mup.errors import ConfigError
 from spectral_mup.models import LlamaConfig
 from spectral_mup.sweep import load_spec
 
@@ -19,8 +23,28 @@ def test_run_configs_load(path: Path) -> None:
     load_config(path)
 
 
+@pytest.fixture(autouse=True)
+def _no_probe_cache(tmp_path, monkeypatch):
+    """An empty rule cache, as on a fresh machine: a probe run earlier on this one (in
+    ~/.cache) must not decide whether a spec loads."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: str(p.relative_to(CONFIGS)))
-def test_sweep_specs_load(path: Path) -> None:
+def test_sweep_specs_load(path: Path, monkeypatch) -> None:
+    """A spec expands its grid. One over an imported optimizer (configs/sweeps/probed/)
+    needs its probed rule: without it the spec stops with the error naming `smup probe`;
+    with a rule in place (AdamW's here: which rule does not matter for the grid) it loads."""
+    if path.parent.name == "probed":
+        with pytest.raises(ConfigError, match=r"run `smup probe --optimizer torch\.optim\.") as e:
+            load_spec(path)
+        optimizer = str(e.value).split("--optimizer ")[1].split("`")[0]
+        assert optimizer in path.read_text()
+        monkeypatch.setattr(
+            sys.modules["spectral_mup.probe"],
+            "cached_rule",
+            lambda name, options: rules.rule_for("adamw"),
+        )
     spec = load_spec(path)
     assert spec.runs
 

@@ -6,9 +6,11 @@ One process splits a step's batch into ``train.grad_accum`` micro-batches the wa
 ranks split it, so with ``grad_accum = 2`` it makes the ranks' arithmetic: measured
 bit-identical for every optimizer under DDP, and under FSDP2 for all but LAMB, whose norms
 are all-reduced from the shards (1.2e-7). Against an unsplit batch (``grad_accum = 1``) the
-gap is the reordered sums of the batch (1.2e-7 to 2.3e-7), except SOAP's 7.9e-5 — which
-one process shows too between ``grad_accum`` 1 and 2: SOAP's eigenbases follow the last
-bits of the gradient (its near-degenerate eigenvalues), so it is SOAP's, not sharding's.
+gap is the reordered sums of the batch (1.2e-7 to 2.3e-7), except SOAP's — which one
+process shows too between ``grad_accum`` 1 and 2: SOAP's eigenbases follow the last bits of
+the gradient (its near-degenerate eigenvalues), so it is SOAP's, not sharding's, and its
+size is the CPU's: 7.9e-5 on an AMD EPYC, 2.7e-4 on an Intel Xeon (both 2-core VMs), so
+its bound is 2e-3.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def test_two_ranks_train_what_one_process_trains(tmp_path, ranks, name: str) -> 
         assert rel(got["train"], split_curve) <= 1e-6, parallel
         vals = [v for _, v in split["history"]["val"]]
         assert [v for _, v in got["val"]] == pytest.approx(vals, rel=1e-6)
-        assert rel(got["train"], one) <= (2e-4 if name == "soap" else 1e-5), parallel
+        assert rel(got["train"], one) <= (2e-3 if name == "soap" else 1e-5), parallel
 
 
 def test_spectral_normalization_on_two_ranks(tmp_path, ranks) -> None:
