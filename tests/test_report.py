@@ -165,6 +165,39 @@ def test_seed_noise_compares_the_gap_to_the_better_neighbour_with_its_standard_e
     assert t.to_json()["noise"]["64"] == pytest.approx({"gap": 0.1, "se": se})
 
 
+def test_cells_with_more_seeds_near_the_optimum_are_compared_on_shared_seeds() -> None:
+    """``smup sweep --near-best 1 --only seed=1``: seed 1 only at the three LRs around seed
+    0's optimum. Seed 1 sits 0.05 above seed 0 there (as measured in the Llama AdamW sweep,
+    width 16, whose seed-0 losses these are), so a plain seed-mean would crown 2^-6, which
+    has seed 0 only. Compared on shared seeds: seed 0 picks the window, both seeds the LR in
+    it; the fit and the noise use the seeds the cells share."""
+    seed0 = {-9: 2.2481, -8: 2.2256, -7: 2.2359, -6: 2.2396, -5: 2.4331}
+    seed1 = {-9: 2.3017, -8: 2.2900, -7: 2.2855}
+    rows = [row(lr=2.0**k, seed=0, best_val_loss=v) for k, v in seed0.items()]
+    rows += [row(lr=2.0**k, seed=1, best_val_loss=v) for k, v in seed1.items()]
+    (study,) = build_studies(rows)
+    assert study.cell(2.0**-6, 64).mean < study.cell(2.0**-8, 64).mean  # the plain trap
+    t = transfer_summary(study)
+    assert t.best_lr == {64: 2.0**-8}
+    assert t.best_loss[64] == pytest.approx((2.2256 + 2.2900) / 2)
+    means = {k: (seed0[k] + seed1[k]) / 2 for k in (-9, -8, -7)}
+    want = [(2.0**k, means[k]) for k in (-9, -8, -7)]
+    assert t.fit_lr[64] == pytest.approx(fit_optimum(want, 2.0**-8))
+    gap = means[-7] - means[-8]  # the better neighbour on both seeds
+    a, b = [seed0[-8], seed1[-8]], [seed0[-7], seed1[-7]]
+    se = math.sqrt((np.var(a, ddof=1) + np.var(b, ddof=1)) / 2)
+    assert t.noise[64] == pytest.approx((gap, se))
+    assert {lr for lr in study.lrs if study.is_best(lr, 64)} == {2.0**-8}
+    # a second seed at one LR the first seed does not favour does not make it the best
+    rows = [row(lr=2.0**k, seed=0, best_val_loss=v) for k, v in seed0.items()]
+    rows.append(row(lr=2.0**-5, seed=1, best_val_loss=1.0))
+    (study,) = build_studies(rows)
+    assert study.best_lr(64) == 2.0**-8
+    # no seed in every cell: the cells' own means
+    rows = [row(lr=2.0**-8, seed=0, best_val_loss=2.1), row(lr=2.0**-7, seed=1, best_val_loss=2.0)]
+    assert build_studies(rows)[0].best_lr(64) == 2.0**-7
+
+
 def test_wider_better_without_monotone() -> None:
     # at the transferred LR (2^-8): 2.0, 2.1, 1.9 → widest beats narrowest, not monotone
     rows = [
@@ -191,11 +224,10 @@ def test_fit_optimum_recovers_an_off_grid_vertex() -> None:
 def test_grid_step_is_the_finest_spacing_and_edge_is_flagged() -> None:
     lrs = (2e-1, 5e-2, 2e-2, 2e-3)  # the seed paper's Table 7 grid (top rows)
     rows = [
-        row(width=w, lr=lr, best_val_loss=2.0 + i * 0.1)
+        row(width=w, lr=lr, best_val_loss=2.0 + (i if w == 64 else 3 - i) * 0.1)
         for w in (64, 128)
         for i, lr in enumerate(lrs)
     ]
-    rows.append(row(width=128, lr=2e-3, seed=1, best_val_loss=1.0))
     (study,) = build_studies(rows)
     t = transfer_summary(study)
     assert t.grid_step == pytest.approx(math.log2(5e-2 / 2e-2))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +93,19 @@ class Cell:
         """The seed-mean; +inf for a cell that is not ``ok`` (it never wins a column)."""
         return self.mean if self.status == "ok" else math.inf
 
+    def on(self, seeds: Set[int] | None) -> list[float]:
+        """The losses of ``seeds`` (all of them for None)."""
+        return [v for s, v in zip(self.seeds, self.losses, strict=True)
+                if seeds is None or s in seeds]  # fmt: skip
+
+
+def common_seeds(cells: Iterable[Cell]) -> set[int] | None:
+    """The seeds every one of ``cells`` holds, or None where they share none: comparisons
+    between cells are made on these (paired), as a seed moves every LR's loss alike."""
+    sets = [set(c.seeds) for c in cells]
+    common = set.intersection(*sets) if sets else set()
+    return common or None
+
 
 @dataclass
 class Study:
@@ -112,16 +125,29 @@ class Study:
 
     def best_lr(self, size: int) -> float | None:
         """Argmin over LRs of the seed-mean (an exact tie goes to the smaller LR); None when
-        no cell of the column is ``ok``."""
-        col = [(v, lr) for lr, v in self.column(size) if math.isfinite(v)]
-        return min(col)[1] if col else None
+        no cell of the column is ``ok``.
+
+        Cells are compared on the seeds they share, since a seed shifts every LR's loss
+        alike (measured: ±0.03–0.05 between seeds 0 and 1 of the Llama sweeps). Where some
+        LRs have more seeds (``smup sweep --near-best``: the second seed only near the first
+        one's optimum), the argmin on the seeds every cell has is taken first, then again on
+        the winner's seeds among the cells that have them, until the winner has no seed
+        beyond those compared. With the same seeds everywhere this is the plain argmin."""
+        cands = [self.cells[lr, size] for lr, _ in self.column(size)]
+        cands = [c for c in cands if c.status == "ok"]
+        if not cands:
+            return None
+        seeds = common_seeds(cands)
+        while True:
+            best = min(cands, key=lambda c: (float(np.mean(c.on(seeds))), c.lr))
+            if seeds is None or set(best.seeds) == seeds:
+                return best.lr
+            seeds = set(best.seeds)
+            cands = [c for c in cands if seeds <= set(c.seeds)]
 
     def is_best(self, lr: float, size: int) -> bool:
-        """Whether the cell has the lowest seed-mean of its column (ties all count)."""
-        cell = self.cell(lr, size)
-        if cell is None or cell.status != "ok":
-            return False
-        return cell.mean <= min(v for _, v in self.column(size))
+        """Whether the cell is its column's ``best_lr``."""
+        return lr == self.best_lr(size)
 
     @property
     def max_seeds(self) -> int:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import Study, StudyKey
+from .data import Cell, Study, StudyKey, common_seeds
 
 # ----------------------------------------------------------------------------- transfer
 
@@ -114,22 +114,43 @@ def _drift(lrs: Iterable[float | None], step: float | None) -> float | None:
     return (max(logs) - min(logs)) / step
 
 
+def _neighbours(study: Study, size: int, lr: float) -> tuple[list[Cell], set[int] | None]:
+    """The cells at ``lr`` and its neighbouring LRs in the column (LR ascending), and the
+    seeds the ``ok`` ones among them share (they are compared on those: Study.best_lr)."""
+    lrs = [c[0] for c in study.column(size)]
+    i = lrs.index(lr)
+    cells = [study.cells[lrs[j], size] for j in (i - 1, i, i + 1) if 0 <= j < len(lrs)]
+    return cells, common_seeds(c for c in cells if c.status == "ok")
+
+
+def _fit(study: Study, size: int, lr: float) -> float:
+    """fit_optimum through the argmin and its neighbours, on the seeds the three share."""
+    cells, seeds = _neighbours(study, size, lr)
+    column = [(c.lr, float(np.mean(c.on(seeds))) if c.status == "ok" else math.inf)
+              for c in cells]  # fmt: skip
+    return fit_optimum(column, lr)
+
+
 def _noise(study: Study, size: int, lr: float | None) -> tuple[float, float] | None:
     """(gap, its standard error) between the best cell of a column and the better of its
-    neighbouring LRs; None without a finite neighbour or with fewer than 2 seeds in either."""
+    neighbouring LRs, on the seeds the two share; None without an ``ok`` neighbour or with
+    fewer than 2 shared seeds."""
     if lr is None:
         return None
-    column = study.column(size)
-    i = [c[0] for c in column].index(lr)
-    near = [column[j] for j in (i - 1, i + 1) if 0 <= j < len(column)]
-    near = [c for c in near if math.isfinite(c[1])]
+    cells, _ = _neighbours(study, size, lr)
+    best = study.cells[lr, size]
+    near = []  # (gap, shared seeds' losses of the best and of the neighbour)
+    for c in cells:
+        seeds = common_seeds((best, c))
+        if c is not best and c.status == "ok" and seeds is not None:
+            a, b = best.on(seeds), c.on(seeds)
+            near.append((float(np.mean(b) - np.mean(a)), a, b))
     if not near:
         return None
-    best, runner = study.cell(lr, size), study.cell(min(near, key=lambda c: c[1])[0], size)
-    if best is None or runner is None or min(len(best.losses), len(runner.losses)) < 2:
+    gap, a, b = min(near, key=lambda g: g[0])
+    if len(a) < 2:
         return None
-    se = math.sqrt(best.std**2 / len(best.losses) + runner.std**2 / len(runner.losses))
-    return runner.mean - best.mean, se
+    return gap, math.sqrt((np.var(a, ddof=1) + np.var(b, ddof=1)) / len(a))
 
 
 def transfer_summary(study: Study) -> Transfer:
@@ -145,7 +166,7 @@ def transfer_summary(study: Study) -> Transfer:
         best_std[size] = cell.std if cell else math.nan
         best_n[size] = len(cell.losses) if cell else 0
         at_edge[size] = lr is not None and len(study.lrs) > 1 and lr in (lo, hi)
-        fit_lr[size] = fit_optimum(study.column(size), lr) if lr is not None else None
+        fit_lr[size] = _fit(study, size, lr) if lr is not None else None
     step = study.grid_step()
     narrow, wide = study.sizes[0], study.sizes[-1]
     t_lr = best_lr[narrow]
