@@ -665,6 +665,14 @@ def test_near_best_keeps_the_lrs_near_each_groups_stored_optimum(tmp_path, capsy
     assert kept(0) == {16: [0.016], 32: [0.001], 48: lrs}
     assert kept(2) == {16: [0.004, 0.008, 0.016], 32: [0.001, 0.002, 0.004], 48: lrs}
     assert len(S.near_best(spec, 1, rows).runs) == 3 * (2 + 2 + 5)  # every seed of a kept LR
+    # width 32, a second round: seed 1 (0.1 above seed 0) only at the three LRs around seed
+    # 0's best 0.004. A plain seed-mean would take 0.016 (seed 0 only, 2.12 < 2.15); compared
+    # on shared seeds, as smup report does, the best stays 0.004
+    for lr, a in zip(lrs, (2.5, 2.2, 2.1, 2.15, 2.12), strict=True):
+        rows[at(32, lr, 0).id] = {"status": "ok", "best_val_loss": a}
+        if lr in (0.002, 0.004, 0.008):
+            rows[at(32, lr, 1).id] = {"status": "ok", "best_val_loss": a + 0.1}
+    assert kept(0)[32] == [0.004] and kept(1)[32] == [0.002, 0.004, 0.008]
 
     # CLI: no store yet -> nothing can be judged, all runs listed; bad K is a one-line error
     assert main(["sweep", str(spec_path), "--dry-run", "--near-best", "1", "--only", "seed=1"]) == 0

@@ -39,7 +39,16 @@ Modules: ``data`` (rows → studies and cells), ``stats`` (drift, fits, transfer
 pairs), ``render`` (Markdown and CSV), ``plots`` (figures), ``files`` (build and write).
 """
 
-from .data import AXES, PARAM_LABEL, Cell, ReportError, Study, StudyKey, build_studies
+from .data import (
+    AXES,
+    PARAM_LABEL,
+    Cell,
+    ReportError,
+    Study,
+    StudyKey,
+    build_studies,
+    paired_argmin,
+)
 from .files import Report, build_report, check_rows, report_store, write_report
 from .plots import figure_names, plot_pair
 from .render import (
@@ -76,6 +85,7 @@ __all__ = [
     "markdown_report",
     "markdown_table",
     "pair_studies",
+    "paired_argmin",
     "plain_table",
     "plot_pair",
     "report_store",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence, Set
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +99,33 @@ class Cell:
                 if seeds is None or s in seeds]  # fmt: skip
 
 
+def paired_argmin(losses: Mapping[float, Mapping[int, float]]) -> float | None:
+    """The LR of lowest seed-mean loss among ``losses`` ({lr: {seed: loss}}, finite losses
+    only), an exact tie to the smaller LR; None for no LR.
+
+    LRs are compared on the seeds they share, since a seed shifts every LR's loss alike
+    (measured: ±0.03–0.05 between seeds 0 and 1 of the Llama width sweeps). Where some LRs
+    have more seeds (``smup sweep --near-best``: the next seed only near the optimum of the
+    seeds so far), the argmin on the seeds every LR has is taken first, then again on the
+    winner's seeds among the LRs that have them, until the winner has no seed beyond those
+    compared. With the same seeds everywhere this is the plain argmin; with no seed shared
+    by all, each LR's own mean."""
+    cands = {lr: by for lr, by in losses.items() if by}
+    if not cands:
+        return None
+    seeds = set.intersection(*(set(by) for by in cands.values())) or None
+    while True:
+        best = min(cands, key=lambda lr: (_mean(cands[lr], seeds), lr))
+        if seeds is None or set(cands[best]) == seeds:
+            return best
+        seeds = set(cands[best])
+        cands = {lr: by for lr, by in cands.items() if seeds <= set(by)}
+
+
+def _mean(by_seed: Mapping[int, float], seeds: Set[int] | None) -> float:
+    return float(np.mean([v for s, v in by_seed.items() if seeds is None or s in seeds]))
+
+
 def common_seeds(cells: Iterable[Cell]) -> set[int] | None:
     """The seeds every one of ``cells`` holds, or None where they share none: comparisons
     between cells are made on these (paired), as a seed moves every LR's loss alike."""
@@ -124,26 +151,10 @@ class Study:
         ]
 
     def best_lr(self, size: int) -> float | None:
-        """Argmin over LRs of the seed-mean (an exact tie goes to the smaller LR); None when
-        no cell of the column is ``ok``.
-
-        Cells are compared on the seeds they share, since a seed shifts every LR's loss
-        alike (measured: ±0.03–0.05 between seeds 0 and 1 of the Llama sweeps). Where some
-        LRs have more seeds (``smup sweep --near-best``: the second seed only near the first
-        one's optimum), the argmin on the seeds every cell has is taken first, then again on
-        the winner's seeds among the cells that have them, until the winner has no seed
-        beyond those compared. With the same seeds everywhere this is the plain argmin."""
-        cands = [self.cells[lr, size] for lr, _ in self.column(size)]
-        cands = [c for c in cands if c.status == "ok"]
-        if not cands:
-            return None
-        seeds = common_seeds(cands)
-        while True:
-            best = min(cands, key=lambda c: (float(np.mean(c.on(seeds))), c.lr))
-            if seeds is None or set(best.seeds) == seeds:
-                return best.lr
-            seeds = set(best.seeds)
-            cands = [c for c in cands if seeds <= set(c.seeds)]
+        """Argmin over LRs of the seed-mean, compared on shared seeds (``paired_argmin``);
+        None when no cell of the column is ``ok``."""
+        ok = [self.cells[lr, size] for lr, v in self.column(size) if math.isfinite(v)]
+        return paired_argmin({c.lr: dict(zip(c.seeds, c.losses, strict=True)) for c in ok})
 
     def is_best(self, lr: float, size: int) -> bool:
         """Whether the cell is its column's ``best_lr``."""

@@ -21,6 +21,7 @@ from .. import train
 from ..config import RunConfig, _resolve_key, build_config, load_config, retarget_model, tomllib
 from ..errors import ConfigError
 from ..optim import optimizer_key, resolve_rule
+from ..report.data import paired_argmin
 
 EXECUTORS = ("local", "ray")
 # keys that change how a run executes, not what it computes: not part of its id, and free
@@ -230,9 +231,10 @@ def restrict(spec: SweepSpec, only: Iterable[str]) -> SweepSpec:
 def near_best(spec: SweepSpec, steps: int, rows: dict[str, dict[str, Any]]) -> SweepSpec:
     """The runs of ``spec`` at most ``steps`` LR grid steps from their group's best LR, a
     group being the runs that differ only in LR and seed, and its best LR the argmin of the
-    seed-mean best val loss over the stored ``rows`` (by run id; a diverged seed makes an LR
-    never best). A group with an LR not yet finished keeps every run: it cannot be judged.
-    For spending more seeds where they decide the optimum (``--near-best``)."""
+    seed-mean best val loss over the stored ``rows`` (by run id), compared on shared seeds as
+    ``smup report`` does (``report.paired_argmin``; a diverged seed makes an LR never best).
+    A group with an LR not yet finished keeps every run: it cannot be judged. For spending
+    more seeds where they decide the optimum (``--near-best``)."""
     if steps < 0:
         raise ConfigError(f"--near-best takes a number of LR grid steps ≥ 0, got {steps}")
     if any("lr" not in r.point for r in spec.runs):
@@ -243,19 +245,21 @@ def near_best(spec: SweepSpec, steps: int, rows: dict[str, dict[str, Any]]) -> S
         groups.setdefault(json.dumps(rest, sort_keys=True, default=str), []).append(r)
     keep: set[str] = set()
     for runs in groups.values():
-        losses: dict[float, list[float]] = {}
+        losses: dict[float, dict[int, float]] = {}
         for r in runs:
             row = rows.get(r.id)
             if row is None or row["status"] not in ("ok", "diverged"):
                 continue
             ok = row["status"] == "ok" and row["best_val_loss"] is not None
-            losses.setdefault(r.point["lr"], []).append(row["best_val_loss"] if ok else math.inf)
+            loss = float(row["best_val_loss"]) if ok else math.inf
+            losses.setdefault(r.point["lr"], {})[r.point.get("seed", 0)] = loss
         lrs = sorted({r.point["lr"] for r in runs})
         if set(losses) != set(lrs):
             keep.update(r.id for r in runs)
             continue
-        means = [sum(losses[lr]) / len(losses[lr]) for lr in lrs]
-        best = min(range(len(lrs)), key=lambda i: (means[i], i))
+        finite = {lr: by for lr, by in losses.items() if all(map(math.isfinite, by.values()))}
+        best_lr = paired_argmin(finite)
+        best = lrs.index(best_lr) if best_lr is not None else 0
         near = {lr for i, lr in enumerate(lrs) if abs(i - best) <= steps}
         keep.update(r.id for r in runs if r.point["lr"] in near)
     return dataclasses.replace(spec, runs=[r for r in spec.runs if r.id in keep])
