@@ -156,13 +156,17 @@ def test_seed_noise_compares_the_gap_to_the_better_neighbour_with_its_standard_e
     (study,) = build_studies(rows)
     t = transfer_summary(study)
     se = math.sqrt(2 * (0.01 * math.sqrt(2)) ** 2 / 2)
-    assert t.noise[64] == pytest.approx((0.1, se))
-    assert t.noise[128] == pytest.approx((0.005, se))
+    # each seed moves every LR alike here, so the per-seed gaps agree: paired SE 0
+    assert t.noise[64] == pytest.approx((0.1, se, 0.0))
+    assert t.noise[128] == pytest.approx((0.005, se, 0.0))
     assert t.noise[256] is None
     assert t.within_noise() == [128]
+    assert t.within_noise(paired=True) == []
     text = build_report(rows, "store").markdown
     assert "the argmin is within 2 SE of a neighbour at width 128:" in text
-    assert t.to_json()["noise"]["64"] == pytest.approx({"gap": 0.1, "se": se})
+    assert "paired, 2 of 2 are 2 SE clear" in text
+    want = {"gap": 0.1, "se": se, "paired_se": 0.0}
+    assert t.to_json()["noise"]["64"] == pytest.approx(want)
 
 
 def test_cells_with_more_seeds_near_the_optimum_are_compared_on_shared_seeds() -> None:
@@ -186,7 +190,8 @@ def test_cells_with_more_seeds_near_the_optimum_are_compared_on_shared_seeds() -
     gap = means[-7] - means[-8]  # the better neighbour on both seeds
     a, b = [seed0[-8], seed1[-8]], [seed0[-7], seed1[-7]]
     se = math.sqrt((np.var(a, ddof=1) + np.var(b, ddof=1)) / 2)
-    assert t.noise[64] == pytest.approx((gap, se))
+    paired = abs((b[0] - a[0]) - (b[1] - a[1])) / 2  # std of 2 gaps / sqrt(2)
+    assert t.noise[64] == pytest.approx((gap, se, paired))
     assert {lr for lr in study.lrs if study.is_best(lr, 64)} == {2.0**-8}
     # a second seed at one LR the first seed does not favour does not make it the best
     rows = [row(lr=2.0**k, seed=0, best_val_loss=v) for k, v in seed0.items()]

@@ -111,13 +111,17 @@ def transfer_text(t: Transfer) -> str:
         lines.append("- a best cell has fewer than 2 seeds: its optimum is within seed noise")
     gaps = {s: g for s, g in t.noise.items() if g is not None}
     if gaps:
-        text = ", ".join(f"{s}: {g:.4f} vs {se:.4f}" for s, (g, se) in gaps.items())
+        text = ", ".join(f"{s}: {g:.4f} vs {se:.4f} (paired {pse:.4f})"
+                         for s, (g, se, pse) in gaps.items())  # fmt: skip
         close = t.within_noise()
         verdict = (f"the argmin is within 2 SE of a neighbour at {axis} "
                    f"{', '.join(map(str, close))}: more seeds there, or read the fitted optimum"
                    if close else "every argmin is 2 SE clear of its neighbours")  # fmt: skip
-        lines.append(f"- seed noise (gap to the better neighbouring LR vs its SE): {text}; "
-                     f"{verdict}")  # fmt: skip
+        clear = len(gaps) - len(t.within_noise(paired=True))
+        lines.append(f"- seed noise (gap to the better neighbouring LR vs its SE; paired: the "
+                     f"SE of the per-seed gaps): {text}; {verdict}; paired, {clear} of "
+                     f"{len(gaps)} are 2 SE clear (a paired SE from few seeds is itself "
+                     "noisy)")  # fmt: skip
     return "\n".join(lines)
 
 

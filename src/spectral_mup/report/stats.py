@@ -39,12 +39,15 @@ class Transfer:
     monotone: bool | None
     min_seeds: int  # fewest ok seeds in the best cell of a size
     # per size: (loss gap from the best LR to its better neighbouring LR, standard error of
-    # that gap from the two cells' seeds); None without a neighbour or with < 2 seeds
-    noise: dict[int, tuple[float, float] | None] = field(default_factory=dict)
+    # that gap from the two cells' seed spreads, and from the spread of the per-seed gaps);
+    # None without a neighbour or with < 2 shared seeds
+    noise: dict[int, tuple[float, float, float] | None] = field(default_factory=dict)
 
-    def within_noise(self) -> list[int]:
-        """The sizes whose argmin is less than 2 standard errors better than a neighbour."""
-        return [s for s, g in self.noise.items() if g is not None and g[0] < 2 * g[1]]
+    def within_noise(self, paired: bool = False) -> list[int]:
+        """The sizes whose argmin is less than 2 standard errors better than a neighbour
+        (``paired``: the standard error of the per-seed gaps)."""
+        i = 2 if paired else 1
+        return [s for s, g in self.noise.items() if g is not None and g[0] < 2 * g[i]]
 
     def to_json(self) -> dict[str, Any]:
         def num(x: float | None) -> float | None:
@@ -83,7 +86,7 @@ class Transfer:
             "monotone": self.monotone,
             "min_seeds": self.min_seeds,
             "noise": {
-                str(k): None if v is None else {"gap": v[0], "se": v[1]}
+                str(k): None if v is None else {"gap": v[0], "se": v[1], "paired_se": v[2]}
                 for k, v in self.noise.items()
             },
         }
@@ -131,10 +134,13 @@ def _fit(study: Study, size: int, lr: float) -> float:
     return fit_optimum(column, lr)
 
 
-def _noise(study: Study, size: int, lr: float | None) -> tuple[float, float] | None:
-    """(gap, its standard error) between the best cell of a column and the better of its
-    neighbouring LRs, on the seeds the two share; None without an ``ok`` neighbour or with
-    fewer than 2 shared seeds."""
+def _noise(study: Study, size: int, lr: float | None) -> tuple[float, float, float] | None:
+    """(gap, its standard error, its paired standard error) between the best cell of a
+    column and the better of its neighbouring LRs, on the seeds the two share; None without
+    an ``ok`` neighbour or with fewer than 2 shared seeds. The first standard error treats
+    the two cells' seeds as independent samples; the paired one is the spread of the
+    per-seed gaps, which leaves out what a seed does to every LR alike (with 2 seeds it
+    rests on one degree of freedom)."""
     if lr is None:
         return None
     cells, _ = _neighbours(study, size, lr)
@@ -150,7 +156,10 @@ def _noise(study: Study, size: int, lr: float | None) -> tuple[float, float] | N
     gap, a, b = min(near, key=lambda g: g[0])
     if len(a) < 2:
         return None
-    return gap, math.sqrt((np.var(a, ddof=1) + np.var(b, ddof=1)) / len(a))
+    n = len(a)
+    diffs = np.subtract(b, a)
+    se = math.sqrt((np.var(a, ddof=1) + np.var(b, ddof=1)) / n)
+    return gap, se, float(np.std(diffs, ddof=1) / math.sqrt(n))
 
 
 def transfer_summary(study: Study) -> Transfer:
