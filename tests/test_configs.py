@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sys
+import importlib
 from pathlib import Path
 
 import pytest
 
-import spectral_mup.probe  # noqa: F401  (the module: the package exports a function `probe`)
 from spectral_mup import rules
 from spectral_mup.config import load_config
 from spectral_mup.errors import ConfigError
@@ -41,7 +40,7 @@ def test_sweep_specs_load(path: Path, monkeypatch) -> None:
         optimizer = str(e.value).split("--optimizer ")[1].split("`")[0]
         assert optimizer in path.read_text()
         monkeypatch.setattr(
-            sys.modules["spectral_mup.probe"],
+            importlib.import_module("spectral_mup.probe"),  # the module, not smup.probe()
             "cached_rule",
             lambda name, options: rules.rule_for("adamw"),
         )

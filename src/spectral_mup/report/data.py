@@ -95,8 +95,7 @@ class Cell:
 
     def on(self, seeds: Set[int] | None) -> list[float]:
         """The losses of ``seeds`` (all of them for None)."""
-        return [v for s, v in zip(self.seeds, self.losses, strict=True)
-                if seeds is None or s in seeds]  # fmt: skip
+        return _on(dict(zip(self.seeds, self.losses, strict=True)), seeds)
 
 
 def paired_argmin(losses: Mapping[float, Mapping[int, float]]) -> float | None:
@@ -115,15 +114,15 @@ def paired_argmin(losses: Mapping[float, Mapping[int, float]]) -> float | None:
         return None
     seeds = set.intersection(*(set(by) for by in cands.values())) or None
     while True:
-        best = min(cands, key=lambda lr: (_mean(cands[lr], seeds), lr))
+        best = min(cands, key=lambda lr: (float(np.mean(_on(cands[lr], seeds))), lr))
         if seeds is None or set(cands[best]) == seeds:
             return best
         seeds = set(cands[best])
         cands = {lr: by for lr, by in cands.items() if seeds <= set(by)}
 
 
-def _mean(by_seed: Mapping[int, float], seeds: Set[int] | None) -> float:
-    return float(np.mean([v for s, v in by_seed.items() if seeds is None or s in seeds]))
+def _on(by_seed: Mapping[int, float], seeds: Set[int] | None) -> list[float]:
+    return [v for s, v in by_seed.items() if seeds is None or s in seeds]
 
 
 def common_seeds(cells: Iterable[Cell]) -> set[int] | None:
