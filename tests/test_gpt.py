@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from spectral_mup import Parametrization
+from spectral_mup.errors import ConfigError
 from spectral_mup.models import GPT, GPTConfig
 
 P = Parametrization(
@@ -75,3 +76,48 @@ def test_coord_taps():
         "residual",
         "logits",
     ]
+
+
+def test_rotary_positions_replace_the_learned_embedding():
+    """position = "rotary": no wpe, queries and keys rotated by position (GPT-NeoX's
+    "rotate half": pair (i, i + d/2) turned by angle pos · θ^(-2i/d)), everything else as
+    the learned-position GPT, μP roles included."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(width=128, depth=8, n_heads=4, vocab_size=65, block_size=16)
+    model = GPT(GPTConfig(**{**cfg.__dict__, "position": "rotary"}), P)
+    learned = GPT(cfg, P)
+    assert not hasattr(model, "wpe")
+    assert model.num_params() == learned.num_params() - 16 * 128
+    assert set(model.smup_roles) == set(learned.smup_roles) - {"wpe.weight"}
+    assert all(model.smup_roles[n] == learned.smup_roles[n] for n in model.smup_roles)
+    x = torch.randint(0, 65, (2, 16))
+    h = model.drop(model.wte(x))
+    block, a = model.blocks[0], model.blocks[0].attn
+    q, k, v = a.c_attn(block.ln_1(h)).split(128, dim=2)
+    q, k, v = (z.view(2, 16, 4, 32).transpose(1, 2) for z in (q, k, v))
+    angle = torch.arange(16.0)[:, None] * 10000.0 ** (-torch.arange(0, 32, 2) / 32)
+    cos, sin = angle.cos(), angle.sin()
+
+    def rotate(z: torch.Tensor) -> torch.Tensor:
+        z1, z2 = z[..., :16], z[..., 16:]
+        return torch.cat((z1 * cos - z2 * sin, z1 * sin + z2 * cos), dim=-1)
+
+    att = (rotate(q) @ rotate(k).transpose(-2, -1)) * a.scale
+    att = att.masked_fill(torch.triu(torch.ones(16, 16, dtype=torch.bool), 1), float("-inf"))
+    y = (F.softmax(att, dim=-1) @ v).transpose(1, 2).reshape(2, 16, 128)
+    h1 = h + 0.25 * a.c_proj(y)
+    h1 = h1 + 0.25 * block.mlp(block.ln_2(h1))
+    torch.testing.assert_close(block(h), h1, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"position": "absolute"}, 'model.position must be "learned" or "rotary"'),
+        ({"position": "rotary", "width": 30, "n_heads": 2}, "rotary embeddings need an even"),
+        ({"position": "rotary", "rope_theta": 0}, "model.rope_theta must be a number > 0"),
+    ],
+)
+def test_position_config_errors(fields, match):
+    with pytest.raises(ConfigError, match=match):
+        GPTConfig(**{"width": 32, **fields})

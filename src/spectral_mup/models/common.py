@@ -92,6 +92,21 @@ def positive_int(name: str, value) -> None:
         raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
 
 
+def positive_number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(f"model.{name} must be a number > 0, got {value!r}")
+
+
+def check_rotary(cfg: DecoderConfig) -> None:
+    """A config with rotary position embeddings (``rope_theta``): an even head size."""
+    if cfg.d_head % 2:
+        raise ConfigError(
+            f"model.width {cfg.width} / model.n_heads {cfg.n_heads} = {cfg.d_head}: "
+            "rotary embeddings need an even head size"
+        )
+    positive_number("rope_theta", cfg.rope_theta)
+
+
 class PerRun:
     """A multiplier with one value per run of a stack (``batched.stack``, where activations
     carry the K runs in their first dimension, run-major): runs that differ in a forward
@@ -139,6 +154,25 @@ def attend(
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout)
     return y.transpose(1, 2).reshape(b, t, h * d)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (the "rotate half" convention of transformers' Llama: the
+    first and second halves of each head are the two coordinates of each rotated pair)."""
+
+    def __init__(self, d_head: int, block_size: int, theta: float):
+        super().__init__()
+        freqs = theta ** (-torch.arange(0, d_head, 2, dtype=torch.float32) / d_head)
+        angles = torch.outer(torch.arange(block_size, dtype=torch.float32), freqs)
+        self.register_buffer("cos", angles.cos(), persistent=False)  # (block_size, d_head / 2)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, heads, T, d_head) rotated by position."""
+        t = x.shape[2]
+        cos, sin = self.cos[:t].to(x.dtype), self.sin[:t].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
 def base_config(config: DecoderConfig, p: Parametrization) -> DecoderConfig:

@@ -1,5 +1,6 @@
 """A NanoGPT / GPT-2 style language model whose forward multipliers come from a
-``Parametrization``: learned positions, pre-LayerNorm blocks, GELU MLP, optional biases,
+``Parametrization``: learned positions (or rotary embeddings of queries and keys, as in
+GPT-NeoX: ``position = "rotary"``), pre-LayerNorm blocks, GELU MLP, optional biases,
 tied or untied head, a fixed head count (the seed paper's 2 heads) or a fixed head size
 (``head_dim``: heads are added as the model widens, as in GPT-2 and Llama), optional
 grouped-query attention (``n_kv_heads``).
@@ -25,25 +26,44 @@ from torch import nn
 from ..errors import ConfigError
 from ..parametrize import Parametrization, check_tied, init_weights
 from ..roles import ParamRole
-from .common import DecoderConfig, attend, base_config, bundled_roles, positive_int, scaled
+from .common import (
+    DecoderConfig,
+    Rotary,
+    attend,
+    base_config,
+    bundled_roles,
+    check_rotary,
+    positive_int,
+    scaled,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
 class GPTConfig(DecoderConfig):
     """The model at one size (the size fields, heads and key/value groups:
-    ``DecoderConfig``), with GPT-2's MLP width ratio, biases and dropout."""
+    ``DecoderConfig``), with GPT-2's MLP width ratio, biases and dropout. ``position``:
+    GPT-2's learned position embedding (``"learned"``) or rotary embeddings of queries and
+    keys (``"rotary"``, no position parameters; ``rope_theta`` as in the Llama)."""
 
     arch: ClassVar[str] = "gpt"
 
     mlp_ratio: int = 4
     bias: bool = True
     dropout: float = 0.0
+    position: str = "learned"
+    rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         positive_int("mlp_ratio", self.mlp_ratio)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.position not in ("learned", "rotary"):
+            raise ConfigError(
+                f'model.position must be "learned" or "rotary", got {self.position!r}'
+            )
+        if self.position == "rotary":
+            check_rotary(self)
 
 
 class CausalSelfAttention(nn.Module):
@@ -55,12 +75,17 @@ class CausalSelfAttention(nn.Module):
         self.sizes = (cfg.width, self.n_kv * self.d_head, self.n_kv * self.d_head)
         self.c_attn = nn.Linear(cfg.width, sum(self.sizes), bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.width, cfg.width, bias=cfg.bias)
+        self.rotary = (
+            Rotary(cfg.d_head, cfg.block_size, cfg.rope_theta) if cfg.position == "rotary" else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.c_attn(x).split(self.sizes, dim=2)
         q = q.view(b, t, self.n_heads, self.d_head).transpose(1, 2)
         k, v = (z.view(b, t, self.n_kv, self.d_head).transpose(1, 2) for z in (k, v))
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
         dropout = self.dropout if self.training else 0.0
         return self.c_proj(attend(q, k, v, self.scale, dropout))
 
@@ -106,7 +131,8 @@ class GPT(nn.Module):
         attn_scale = p.attention_scale(config.d_head, d_head_base=base.d_head)
         self.readout_multiplier = p.readout_multiplier(config.width)
         self.wte = nn.Embedding(config.vocab_size, config.width)
-        self.wpe = nn.Embedding(config.block_size, config.width)
+        if config.position == "learned":
+            self.wpe = nn.Embedding(config.block_size, config.width)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
             Block(config, attn_scale, p.branch_multiplier(config.depth))
@@ -135,8 +161,10 @@ class GPT(nn.Module):
         t = idx.shape[1]
         if t > self.config.block_size:
             raise ValueError(f"sequence length {t} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(t, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
+        x = self.wte(idx)
+        if self.config.position == "learned":
+            x = x + self.wpe(torch.arange(t, device=idx.device))
+        x = self.drop(x)
         for block in self.blocks:
             x = block(x)
         # the readout multiplier scales the head's input (= its output: the head has no bias),

@@ -24,10 +24,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
 from ..parametrize import Parametrization, check_tied, init_weights
 from ..roles import ParamRole
-from .common import DecoderConfig, attend, base_config, bundled_roles, positive_int, scaled
+from .common import (
+    DecoderConfig,
+    Rotary,
+    attend,
+    base_config,
+    bundled_roles,
+    check_rotary,
+    positive_int,
+    positive_number,
+    scaled,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,39 +61,14 @@ class LlamaConfig(DecoderConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         positive_int("multiple_of", self.multiple_of)
-        if self.d_head % 2:
-            raise ConfigError(
-                f"model.width {self.width} / model.n_heads {self.n_heads} = {self.d_head}: "
-                "rotary embeddings need an even head size"
-            )
-        for name in ("ffn_ratio", "norm_eps", "rope_theta"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ConfigError(f"model.{name} must be a number > 0, got {value!r}")
+        check_rotary(self)
+        for name in ("ffn_ratio", "norm_eps"):
+            positive_number(name, getattr(self, name))
 
     @property
     def ffn_dim(self) -> int:
         """The SwiGLU hidden size at this width (Llama's rounding of ffn_ratio·width)."""
         return self.multiple_of * math.ceil(int(self.ffn_ratio * self.width) / self.multiple_of)
-
-
-class Rotary(nn.Module):
-    """Rotary position embedding (the "rotate half" convention of transformers' Llama: the
-    first and second halves of each head are the two coordinates of each rotated pair)."""
-
-    def __init__(self, d_head: int, block_size: int, theta: float):
-        super().__init__()
-        freqs = theta ** (-torch.arange(0, d_head, 2, dtype=torch.float32) / d_head)
-        angles = torch.outer(torch.arange(block_size, dtype=torch.float32), freqs)
-        self.register_buffer("cos", angles.cos(), persistent=False)  # (block_size, d_head / 2)
-        self.register_buffer("sin", angles.sin(), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` (B, heads, T, d_head) rotated by position."""
-        t = x.shape[2]
-        cos, sin = self.cos[:t].to(x.dtype), self.sin[:t].to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
 class Attention(nn.Module):
