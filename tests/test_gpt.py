@@ -116,6 +116,7 @@ def test_rotary_positions_replace_the_learned_embedding():
         ({"position": "absolute"}, 'model.position must be "learned" or "rotary"'),
         ({"position": "rotary", "width": 30, "n_heads": 2}, "rotary embeddings need an even"),
         ({"position": "rotary", "rope_theta": 0}, "model.rope_theta must be a number > 0"),
+        ({"rope_theta": 5000.0}, 'model.rope_theta is for model.position = "rotary"'),
     ],
 )
 def test_position_config_errors(fields, match):

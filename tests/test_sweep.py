@@ -71,6 +71,18 @@ def results(rows: dict[str, dict]) -> dict[str, tuple]:
 # ----------------------------------------------------------------------------- run ids
 
 
+def test_run_ids_outlive_new_config_keys():
+    """A stored run keeps its id when a later version adds a config key at the value that
+    trains it as before (train.LATER_KEYS, or an optional key left unset): ids computed by
+    the code of 2026-12-02, before the GPT's model.position existed."""
+    base = ["--model.width", "32", "--model.depth", "1", "--model.n_heads", "2"]
+    base += ["--param.base_width", "16"]
+    assert S.run_id(load_config(None, base)) == "3f7bed24b56079cb"
+    assert S.run_id(load_config(None, [*base, "--model.arch", "llama"])) == "e68e02bb50855c4d"
+    rotary = load_config(None, [*base, "--model.position", "rotary"])
+    assert S.run_id(rotary) != "3f7bed24b56079cb"
+
+
 def test_run_ids_are_deterministic_and_differ_with_every_hyperparameter(tmp_path):
     base = [
         "--model.width",

@@ -142,8 +142,10 @@ class RunConfig:
 
 def retarget_model(model: dict[str, Any], from_arch: str) -> dict[str, Any]:
     """A [model] table written for ``from_arch`` (e.g. a sweep's base config, every key set)
-    whose ``arch`` was changed: keys the new architecture lacks are dropped when they hold
-    ``from_arch``'s defaults (they say nothing), and are an error otherwise (never ignored)."""
+    whose ``arch`` was changed: keys that hold ``from_arch``'s defaults say nothing and are
+    dropped (the new architecture's defaults apply: the GPT's unset ``rope_theta`` is the
+    Llama's 10000), and a key the new architecture lacks is an error otherwise (never
+    ignored)."""
     arch = model.get("arch", GPTConfig.arch)
     if arch == from_arch:
         return model
@@ -151,9 +153,12 @@ def retarget_model(model: dict[str, Any], from_arch: str) -> dict[str, Any]:
     defaults = {f.name: f.default for f in fields(config_class(from_arch))}
     out = {}
     for key, value in model.items():
-        if key in keep:
+        says_nothing = defaults.get(key, object()) == (
+            list(value) if isinstance(value, tuple) else value
+        )
+        if key in keep and not says_nothing:
             out[key] = value
-        elif defaults.get(key, object()) != (list(value) if isinstance(value, tuple) else value):
+        elif not says_nothing:
             raise ConfigError(
                 f"model.{key} = {value!r} is set for the {from_arch} model, which the {arch} "
                 f"model does not have; remove it or keep model.arch = {from_arch!r}"

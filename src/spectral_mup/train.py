@@ -122,9 +122,11 @@ def build_run_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.O
 
 # Keys added after run ids existed, at the value that trains the run it was before them:
 # there they are left out of the fingerprint, so adding them kept every stored id and
-# checkpoint (model.arch: the GPT was the only model; the transferable HPs of issue 13: 1).
+# checkpoint (model.arch: the GPT was the only model; the transferable HPs of issue 13: 1;
+# the GPT's model.position: learned positions were the only ones).
 LATER_KEYS: dict[tuple[str, str], Any] = {
     ("model", "arch"): "gpt",
+    ("model", "position"): "learned",
     **{("param", k): 1.0 for k in ("lr_input", "lr_output", "lr_vector", "readout_scale",
                                    "init_input", "init_output", "attention_mult")},
 }  # fmt: skip

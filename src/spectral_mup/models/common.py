@@ -97,14 +97,19 @@ def positive_number(name: str, value) -> None:
         raise ConfigError(f"model.{name} must be a number > 0, got {value!r}")
 
 
+ROPE_THETA = 10000.0  # rotary embeddings' base (Llama, GPT-NeoX)
+
+
 def check_rotary(cfg: DecoderConfig) -> None:
-    """A config with rotary position embeddings (``rope_theta``): an even head size."""
+    """A config with rotary position embeddings: an even head size, ``rope_theta`` > 0
+    (or unset: ``ROPE_THETA``)."""
     if cfg.d_head % 2:
         raise ConfigError(
             f"model.width {cfg.width} / model.n_heads {cfg.n_heads} = {cfg.d_head}: "
             "rotary embeddings need an even head size"
         )
-    positive_number("rope_theta", cfg.rope_theta)
+    if cfg.rope_theta is not None:
+        positive_number("rope_theta", cfg.rope_theta)
 
 
 class PerRun:

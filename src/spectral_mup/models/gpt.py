@@ -27,6 +27,7 @@ from ..errors import ConfigError
 from ..parametrize import Parametrization, check_tied, init_weights
 from ..roles import ParamRole
 from .common import (
+    ROPE_THETA,
     DecoderConfig,
     Rotary,
     attend,
@@ -51,7 +52,7 @@ class GPTConfig(DecoderConfig):
     bias: bool = True
     dropout: float = 0.0
     position: str = "learned"
-    rope_theta: float = 10000.0
+    rope_theta: float | None = None  # None: the Llama's default (common.ROPE_THETA)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -64,6 +65,8 @@ class GPTConfig(DecoderConfig):
             )
         if self.position == "rotary":
             check_rotary(self)
+        elif self.rope_theta is not None:
+            raise ConfigError('model.rope_theta is for model.position = "rotary"; remove it')
 
 
 class CausalSelfAttention(nn.Module):
@@ -76,7 +79,9 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.width, sum(self.sizes), bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.width, cfg.width, bias=cfg.bias)
         self.rotary = (
-            Rotary(cfg.d_head, cfg.block_size, cfg.rope_theta) if cfg.position == "rotary" else None
+            Rotary(cfg.d_head, cfg.block_size, cfg.rope_theta or ROPE_THETA)
+            if cfg.position == "rotary"
+            else None
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

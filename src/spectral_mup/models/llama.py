@@ -27,6 +27,7 @@ from torch import nn
 from ..parametrize import Parametrization, check_tied, init_weights
 from ..roles import ParamRole
 from .common import (
+    ROPE_THETA,
     DecoderConfig,
     Rotary,
     attend,
@@ -55,7 +56,7 @@ class LlamaConfig(DecoderConfig):
     ffn_ratio: float = 8 / 3
     multiple_of: int = 16
     norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
+    rope_theta: float = ROPE_THETA
     fused: bool = False
 
     def __post_init__(self) -> None:
