@@ -113,6 +113,23 @@ def test_mup_optimum_stands_still_sp_drifts_one_step_per_doubling() -> None:
     assert not any(sp.at_edge.values()) and sp.min_seeds == 2
 
 
+def test_rows_from_before_a_config_key_existed_join_its_default() -> None:
+    """A store that outlives a new config key: rows written before it (no key) and rows
+    holding it at the value that trains them the same (a LATER_KEYS value, or unset as None)
+    are one study, whichever row comes first; another value is another study."""
+    old = {"model": {"width": 64}}
+    new = {"model": {"width": 64, "position": "learned", "rope_theta": None}}
+    other = {"model": {"width": 64, "position": "rotary", "rope_theta": None}}
+    for first, second in ((old, new), (new, old)):
+        rows = []
+        for i, r in enumerate(sweep_rows(sweep="k")):
+            rows.append(dict(r, id=f"{r['id']}-{i}", config=first if i % 2 else second))
+        assert len(build_studies(rows)) == 2  # SP and μP, each one study
+    rows = [dict(r, id=f"{r['id']}-{i}", config=old if i % 2 else other)
+            for i, r in enumerate(sweep_rows(sweep="k"))]  # fmt: skip
+    assert len(build_studies(rows)) == 4
+
+
 def test_other_swept_hps_are_other_studies_paired_sp_with_mup() -> None:
     """Runs that differ in a swept config key at the same width (``param.lr_input``) are
     separate studies, labelled with it and paired SP↔μP by it; a key that only follows the

@@ -204,6 +204,17 @@ def flat_config(config: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _identity(row: dict[str, Any]) -> dict[str, Any]:
+    """A stored run's config as ``{"section.key": value}``, only the keys that identify it
+    (``train.fingerprint``): rows stored before a config key existed compare equal to rows
+    that hold it at the value that trains them the same (``LATER_KEYS``, unset options)."""
+    from ..train import fingerprint
+
+    config = row.get("config")
+    sections = isinstance(config, dict) and all(isinstance(v, dict) for v in config.values())
+    return flat_config(fingerprint(config) if sections else config)
+
+
 def hp_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
     """The config keys besides the LR and the seed that a group of runs sweeps: those whose
     value differs between two runs of the same width and depth (a key that follows the
@@ -211,16 +222,15 @@ def hp_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
     from ..train import RUNTIME_KEYS
 
     fixed = {"optim.lr", "train.seed", *(f"train.{k}" for k in RUNTIME_KEYS)}
-    seen: dict[tuple[int, int], dict[str, str]] = {}
-    swept: set[str] = set()
-    for row in rows:
-        flat = flat_config(row.get("config"))
-        first = seen.setdefault((int(row["width"]), int(row["depth"])), {})
-        for k, v in flat.items():
-            text = json.dumps(v, sort_keys=True)
-            if k not in fixed and first.setdefault(k, text) != text:
-                swept.add(k)
-    return sorted(swept)
+    flats = [_identity(row) for row in rows]
+    keys = {k for flat in flats for k in flat} - fixed
+    values: dict[tuple[int, int, str], set[str]] = defaultdict(set)
+    for row, flat in zip(rows, flats, strict=True):
+        for k in keys:  # a key a row lacks is unset there (None), not unknown
+            values[int(row["width"]), int(row["depth"]), k].add(
+                json.dumps(flat.get(k), sort_keys=True)
+            )
+    return sorted({k for (_, _, k), seen in values.items() if len(seen) > 1})
 
 
 def build_studies(rows: Iterable[dict[str, Any]]) -> list[Study]:
@@ -243,7 +253,7 @@ def build_studies(rows: Iterable[dict[str, Any]]) -> list[Study]:
     for key, group in base.items():
         names = hp_keys(group)
         for row in group:
-            flat = flat_config(row.get("config"))
+            flat = _identity(row)
             groups[(*key, tuple((k, flat.get(k)) for k in names))].append(row)
     studies = []
 
