@@ -47,6 +47,7 @@ def test_hidden_size_follows_llamas_rule() -> None:
         ({"width": 30, "n_heads": 2}, "rotary embeddings need an even head size"),
         ({"n_heads": 4, "n_kv_heads": 3}, "not a multiple of model.n_kv_heads"),
         ({"norm_eps": 0.0}, "norm_eps must be a number > 0"),
+        ({"rope_theta": None}, "rope_theta must be a number > 0"),
         ({"multiple_of": 0}, "multiple_of must be a positive integer"),
     ],
 )

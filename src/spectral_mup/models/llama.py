@@ -63,7 +63,7 @@ class LlamaConfig(DecoderConfig):
         super().__post_init__()
         positive_int("multiple_of", self.multiple_of)
         check_rotary(self)
-        for name in ("ffn_ratio", "norm_eps"):
+        for name in ("ffn_ratio", "norm_eps", "rope_theta"):  # rope_theta: never unset here
             positive_number(name, getattr(self, name))
 
     @property
