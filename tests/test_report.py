@@ -25,6 +25,7 @@ from spectral_mup.report import (
     transfer_summary,
     write_report,
 )
+from spectral_mup.report.stats import t_quantile
 from spectral_mup.store import RunStore
 
 WIDTHS = (64, 128, 256, 512)
@@ -232,6 +233,65 @@ def test_wider_better_without_monotone() -> None:
     assert t.loss_at_transferred == pytest.approx({64: 2.0, 128: 2.1, 256: 1.9})
     assert t.wider_better is True
     assert t.monotone is False
+
+
+def test_t_quantile_matches_the_textbook_table() -> None:
+    """One-sided Student-t quantiles from a printed table (df 1, 2, 10 at 95%; df 30 at
+    97.5%), to the table's 3 decimals."""
+    for p, df, want in ((0.95, 1, 6.314), (0.95, 2, 2.920), (0.95, 10, 1.812), (0.975, 30, 2.042)):
+        assert t_quantile(p, df) == pytest.approx(want, abs=6e-4)
+
+
+def test_transfer_decided_by_a_paired_t_test_against_the_lrs_two_steps_away() -> None:
+    """Transferred LR 2^-8 (best at width 64). Per width: the best of 2^-9 … 2^-7 against
+    2^-10 and 2^-6, one-sided 95% paired t on 3 seeds (t = 2.920, df 2, from the table)."""
+    cols = {
+        # 2^-10 gaps 0.10/0.12/0.11: mean 0.11, SE 0.01/√3, bound 0.0169 -> beaten; 2^-6
+        # gaps 0.02/0.00/0.04: mean 0.02 < 2.920 · 0.02/√3 = 0.0337 -> undecided
+        64: {-10: [2.10, 2.13, 2.13], -9: [2.05] * 3, -8: [2.00, 2.01, 2.02],
+             -7: [2.04] * 3, -6: [2.02, 2.01, 2.06]},
+        # best near LR 2^-7; 2^-10 0.3 worse on every seed, 2^-6 by 0.05/0.03/0.04: mean
+        # 0.04 > 2.920 · 0.01/√3 = 0.0169 -> yes
+        128: {-10: [2.3, 2.31, 2.32], -9: [2.2] * 3, -8: [2.1] * 3, -7: [2.0, 2.01, 2.02],
+              -6: [2.05, 2.04, 2.06]},
+        # 2^-6 beats the best near LR (2^-7) by 0.1 on every seed -> no
+        256: {-10: [2.5] * 3, -9: [2.4] * 3, -8: [2.3] * 3, -7: [2.2, 2.21, 2.22],
+              -6: [2.1, 2.11, 2.13]},
+        # 2^-10 diverged: beaten; 2^-6 0.3 worse -> yes
+        512: {-10: "div", -9: [2.1] * 3, -8: [2.0, 2.01, 2.02], -7: [2.1] * 3,
+              -6: [2.3, 2.32, 2.31]},
+        # 2^-6 never run -> undecided
+        1024: {-10: [2.3] * 3, -9: [2.1] * 3, -8: [2.0] * 3, -7: [2.1] * 3},
+    }  # fmt: skip
+    rows = []
+    for width, col in cols.items():
+        for k, losses in col.items():
+            for s in range(3):
+                if losses == "div":
+                    r = row(width=width, lr=2.0**k, seed=s, status="diverged",
+                            best_val_loss=None, diverged_step=3)  # fmt: skip
+                else:
+                    r = row(width=width, lr=2.0**k, seed=s, best_val_loss=losses[s])
+                rows.append(r)
+    (study,) = build_studies(rows)
+    t = transfer_summary(study)
+    assert t.transferred_lr == 2.0**-8
+    assert t.decided == {64: None, 128: True, 256: False, 512: True, 1024: None}
+    assert t.to_json()["decided_within_one_step"] == {
+        "64": None, "128": True, "256": False, "512": True, "1024": None
+    }  # fmt: skip
+    text = build_report(rows, "store").markdown
+    assert (
+        "t-test on shared seeds): 64: undecided, 128: yes, 256: no, 512: yes, 1024: undecided"
+        in text
+    )
+    # seeds 0 and 1 only: 2^-6's gaps 0.05, 0.03 (mean 0.04, SE 0.01) pass 2 SE but not
+    # the t bound of one degree of freedom, 6.314 SE
+    two = [r for r in rows if r["seed"] < 2 and r["width"] in (64, 128)]
+    (study,) = build_studies(two)
+    t = transfer_summary(study)
+    assert t.transferred_lr == 2.0**-8
+    assert t.decided[128] is None
 
 
 def test_fit_optimum_recovers_an_off_grid_vertex() -> None:

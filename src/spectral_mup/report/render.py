@@ -122,6 +122,12 @@ def transfer_text(t: Transfer) -> str:
                      f"SE of the per-seed gaps): {text}; {verdict}; paired, {clear} of "
                      f"{len(gaps)} are 2 SE clear (a paired SE from few seeds is itself "
                      "noisy)")  # fmt: skip
+    if t.transferred_lr is not None and len(t.sizes) > 1:
+        word = {True: "yes", False: "no", None: "undecided"}
+        text = ", ".join(f"{s}: {word[v]}" for s, v in t.decided.items())
+        lines.append(f"- optimum within one grid step of the transferred LR, decided (the best "
+                     f"LR within one step beats both LRs two steps away, one-sided 95% paired "
+                     f"t-test on shared seeds): {text}")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import Cell, Study, StudyKey, common_seeds
+from .data import Cell, Study, StudyKey, common_seeds, paired_argmin
 
 # ----------------------------------------------------------------------------- transfer
 
@@ -42,6 +42,9 @@ class Transfer:
     # that gap from the two cells' seed spreads, and from the spread of the per-seed gaps);
     # None without a neighbour or with < 2 shared seeds
     noise: dict[int, tuple[float, float, float] | None] = field(default_factory=dict)
+    # per size: is the optimum decided to lie within one grid step of the transferred LR?
+    # True / False (a far LR decided better) / None (undecided): ``decided``
+    decided: dict[int, bool | None] = field(default_factory=dict)
 
     def within_noise(self, paired: bool = False) -> list[int]:
         """The sizes whose argmin is less than 2 standard errors better than a neighbour
@@ -89,6 +92,7 @@ class Transfer:
                 str(k): None if v is None else {"gap": v[0], "se": v[1], "paired_se": v[2]}
                 for k, v in self.noise.items()
             },
+            "decided_within_one_step": per(self.decided),
         }
 
 
@@ -162,6 +166,68 @@ def _noise(study: Study, size: int, lr: float | None) -> tuple[float, float, flo
     return gap, se, float(np.std(diffs, ddof=1) / math.sqrt(n))
 
 
+def t_quantile(p: float, df: int) -> float:
+    """The ``p`` quantile (p > ½) of Student's t with ``df`` degrees of freedom: the CDF by
+    Simpson's rule on the density, inverted by bisection (no SciPy here); ~1e-6 accurate."""
+    if not 0.5 < p < 1 or df < 1:
+        raise ValueError(f"t_quantile needs ½ < p < 1 and df ≥ 1, got p={p}, df={df}")
+    c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(x: float) -> float:
+        u = np.linspace(0.0, x, 4001)
+        f = np.exp(c - (df + 1) / 2 * np.log1p(u * u / df))
+        h = x / 4000
+        return 0.5 + h / 3 * float(f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        lo, hi = hi, 2 * hi
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def decided(study: Study, size: int, t_lr: float | None, step: float | None) -> bool | None:
+    """Whether the optimum at ``size`` is decided to lie within one grid step of the
+    transferred LR ``t_lr``, by a one-sided 95% paired t-test on shared seeds: True when the
+    best of the ``ok`` cells within one step (``paired_argmin``) beats both LRs two steps
+    away (a far LR that diverged counts as beaten); False when a far LR beats it (or every
+    run within one step diverged); None otherwise — undecided: a far LR outside the grid, not
+    yet run or failed, fewer than 2 shared seeds, or a gap within the bound. Assumes the loss
+    is unimodal in log LR, so the LRs two steps away stand for all farther ones."""
+    if t_lr is None or step is None:
+        return None
+    at = {round(math.log2(lr) / step): lr for lr in study.lrs}
+    k = round(math.log2(t_lr) / step)
+    near = [study.cell(at[j], size) for j in (k - 1, k, k + 1) if j in at]
+    ok = [c for c in near if c is not None and c.status == "ok"]
+    losses = {c.lr: dict(zip(c.seeds, c.losses, strict=True)) for c in ok}
+    best_lr = paired_argmin(losses)
+    verdicts = []
+    for j in (k - 2, k + 2):
+        far = study.cell(at[j], size) if j in at else None
+        if far is None:
+            return None
+        if far.status != "ok":
+            verdicts.append(True if far.status == "div" else None)
+            continue
+        if best_lr is None:  # every run within one step diverged (False) or failed
+            verdicts.append(False if near and all(c and c.status == "div" for c in near) else None)
+            continue
+        seeds = common_seeds((study.cells[best_lr, size], far))
+        if seeds is None or len(seeds) < 2:
+            return None
+        diffs = np.subtract(far.on(seeds), study.cells[best_lr, size].on(seeds))
+        bound = t_quantile(0.95, len(diffs) - 1) * float(np.std(diffs, ddof=1))
+        bound /= math.sqrt(len(diffs))
+        gap = float(np.mean(diffs))
+        verdicts.append(True if gap > bound else False if gap < -bound else None)
+    if False in verdicts:
+        return False
+    return None if None in verdicts else True
+
+
 def transfer_summary(study: Study) -> Transfer:
     """Best LR per size, drift in grid steps, the transferred LR and the wider-is-better
     checks of one study (module docstring)."""
@@ -208,6 +274,7 @@ def transfer_summary(study: Study) -> Transfer:
         monotone=monotone,
         min_seeds=min((n for n in best_n.values() if n), default=0),
         noise={size: _noise(study, size, best_lr[size]) for size in study.sizes},
+        decided={size: decided(study, size, t_lr, step) for size in study.sizes},
     )
 
 
