@@ -215,14 +215,17 @@ def _identity(row: dict[str, Any]) -> dict[str, Any]:
     return flat_config(fingerprint(config) if sections else config)
 
 
-def hp_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
+def hp_keys(
+    rows: Sequence[dict[str, Any]], flats: Sequence[dict[str, Any]] | None = None
+) -> list[str]:
     """The config keys besides the LR and the seed that a group of runs sweeps: those whose
     value differs between two runs of the same width and depth (a key that follows the
-    width, such as a derived hidden size, is not one; runtime keys never are)."""
+    width, such as a derived hidden size, is not one; runtime keys never are). ``flats``:
+    the rows' ``_identity``, where the caller has it."""
     from ..train import RUNTIME_KEYS
 
     fixed = {"optim.lr", "train.seed", *(f"train.{k}" for k in RUNTIME_KEYS)}
-    flats = [_identity(row) for row in rows]
+    flats = [_identity(row) for row in rows] if flats is None else flats
     keys = {k for flat in flats for k in flat} - fixed
     values: dict[tuple[int, int, str], set[str]] = defaultdict(set)
     for row, flat in zip(rows, flats, strict=True):
@@ -251,9 +254,9 @@ def build_studies(rows: Iterable[dict[str, Any]]) -> list[Study]:
         base[key].append(row)
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
     for key, group in base.items():
-        names = hp_keys(group)
-        for row in group:
-            flat = _identity(row)
+        flats = [_identity(row) for row in group]
+        names = hp_keys(group, flats)
+        for row, flat in zip(group, flats, strict=True):
             groups[(*key, tuple((k, flat.get(k)) for k in names))].append(row)
     studies = []
 
