@@ -112,6 +112,11 @@ def test_mup_optimum_stands_still_sp_drifts_one_step_per_doubling() -> None:
     assert sp.loss_at_transferred[512] == pytest.approx(2.0 + 0.1 * 9 - 0.15)
     assert sp.wider_better is False and sp.monotone is False
     assert not any(sp.at_edge.values()) and sp.min_seeds == 2
+    # the seeds shift every cell alike: each paired test is decided (zero spread)
+    assert mup.wider_better_decided is True and sp.wider_better_decided is False
+    assert mup.decided == dict.fromkeys(WIDTHS, True)
+    # SP's optimum at 2^-7 (width 128) is within one step of 2^-6, at 2^-8 (256) two away
+    assert sp.decided == {64: True, 128: True, 256: False, 512: False}
 
 
 def test_rows_from_before_a_config_key_existed_join_its_default() -> None:
@@ -277,6 +282,8 @@ def test_transfer_decided_by_a_paired_t_test_against_the_lrs_two_steps_away() ->
     t = transfer_summary(study)
     assert t.transferred_lr == 2.0**-8
     assert t.decided == {64: None, 128: True, 256: False, 512: True, 1024: None}
+    # width 1024 vs 64 at 2^-8: gaps 0.00/0.01/0.02, mean 0.01 < 0.0169: lower, undecided
+    assert t.wider_better is True and t.wider_better_decided is None
     assert t.to_json()["decided_within_one_step"] == {
         "64": None, "128": True, "256": False, "512": True, "1024": None
     }  # fmt: skip

@@ -29,7 +29,8 @@ Transfer summary of a study (DESIGN.md, "Reading an LR sweep honestly"):
 - transferred LR: the best LR of the narrowest size (the proxy);
 - wider better: loss(widest, transferred LR) < loss(narrowest, transferred LR), and
   monotone: the loss at the transferred LR falls strictly with every size step (a
-  non-``ok`` cell counts as +inf; for the depth axis read "deeper" for "wider");
+  non-``ok`` cell counts as +inf; for the depth axis read "deeper" for "wider"); "wider
+  better" is also tested (``stats.lower``: one-sided 95% paired t-test on shared seeds);
 - decided: per size, whether the optimum lies within one grid step of the transferred
   LR by a one-sided 95% paired t-test of the best LR within one step against the LRs
   two steps away (``stats.decided``; yes / no / undecided).

@@ -77,6 +77,10 @@ def markdown_table(study: Study) -> str:
     return "\n".join(lines)
 
 
+def _decided(v: bool | None) -> str:
+    return {True: "yes", False: "no", None: "undecided"}[v]
+
+
 def transfer_text(t: Transfer) -> str:
     axis = t.key.axis
     more = "wider" if axis == "width" else "deeper"
@@ -102,7 +106,8 @@ def transfer_text(t: Transfer) -> str:
         lines.append(f"- loss at the transferred LR: {losses}")
         lines.append(
             f"- {more} is better at the transferred LR: {_yes(t.wider_better)}"
-            f" ({axis} {t.sizes[-1]} vs {t.sizes[0]}); monotone over all {axis}s:"
+            f" ({axis} {t.sizes[-1]} vs {t.sizes[0]}; decided by a one-sided 95% paired"
+            f" t-test: {_decided(t.wider_better_decided)}); monotone over all {axis}s:"
             f" {_yes(t.monotone)}"
         )
     if any(t.at_edge.values()):
@@ -123,8 +128,7 @@ def transfer_text(t: Transfer) -> str:
                      f"{len(gaps)} are 2 SE clear (a paired SE from few seeds is itself "
                      "noisy)")  # fmt: skip
     if t.transferred_lr is not None and len(t.sizes) > 1:
-        word = {True: "yes", False: "no", None: "undecided"}
-        text = ", ".join(f"{s}: {word[v]}" for s, v in t.decided.items())
+        text = ", ".join(f"{s}: {_decided(v)}" for s, v in t.decided.items())
         lines.append(f"- optimum within one grid step of the transferred LR, decided (the best "
                      f"LR within one step beats both LRs two steps away, one-sided 95% paired "
                      f"t-test on shared seeds): {text}")  # fmt: skip

@@ -36,6 +36,7 @@ class Transfer:
     transferred_lr: float | None  # best LR of the narrowest size
     loss_at_transferred: dict[int, float]  # +inf where the cell is not ok, NaN where missing
     wider_better: bool | None
+    wider_better_decided: bool | None  # the same by a paired t-test (``lower``); None: undecided
     monotone: bool | None
     min_seeds: int  # fewest ok seeds in the best cell of a size
     # per size: (loss gap from the best LR to its better neighbouring LR, standard error of
@@ -86,6 +87,7 @@ class Transfer:
                 for k, v in self.loss_at_transferred.items()
             },
             "wider_better": self.wider_better,
+            "wider_better_decided": self.wider_better_decided,
             "monotone": self.monotone,
             "min_seeds": self.min_seeds,
             "noise": {
@@ -188,41 +190,46 @@ def t_quantile(p: float, df: int) -> float:
     return (lo + hi) / 2
 
 
+def lower(a: Cell, b: Cell) -> bool | None:
+    """Whether ``ok`` cell ``a``'s loss is below ``b``'s by a one-sided 95% paired t-test
+    on the seeds the two share (a seed moves every cell's loss alike): True, False (``b``'s
+    is decided lower) or None (undecided, or fewer than 2 shared seeds)."""
+    seeds = common_seeds((a, b))
+    if seeds is None or len(seeds) < 2:
+        return None
+    diffs = np.subtract(b.on(seeds), a.on(seeds))
+    n = len(diffs)
+    bound = t_quantile(0.95, n - 1) * float(np.std(diffs, ddof=1)) / math.sqrt(n)
+    gap = float(np.mean(diffs))
+    return True if gap > bound else False if gap < -bound else None
+
+
 def decided(study: Study, size: int, t_lr: float | None, step: float | None) -> bool | None:
     """Whether the optimum at ``size`` is decided to lie within one grid step of the
-    transferred LR ``t_lr``, by a one-sided 95% paired t-test on shared seeds: True when the
-    best of the ``ok`` cells within one step (``paired_argmin``) beats both LRs two steps
-    away (a far LR that diverged counts as beaten); False when a far LR beats it (or every
-    run within one step diverged); None otherwise — undecided: a far LR outside the grid, not
-    yet run or failed, fewer than 2 shared seeds, or a gap within the bound. Assumes the loss
-    is unimodal in log LR, so the LRs two steps away stand for all farther ones."""
+    transferred LR ``t_lr``: True when the best of the ``ok`` cells within one step
+    (``paired_argmin``) is ``lower`` than both LRs two steps away (a far LR that diverged
+    counts as beaten); False when a far LR is lower (or every run within one step diverged);
+    None otherwise — undecided: a far LR outside the grid, not yet run or failed, fewer
+    than 2 shared seeds, or a gap within the bound. Assumes the loss is unimodal in log LR,
+    so the LRs two steps away stand for all farther ones."""
     if t_lr is None or step is None:
         return None
     at = {round(math.log2(lr) / step): lr for lr in study.lrs}
     k = round(math.log2(t_lr) / step)
     near = [study.cell(at[j], size) for j in (k - 1, k, k + 1) if j in at]
     ok = [c for c in near if c is not None and c.status == "ok"]
-    losses = {c.lr: dict(zip(c.seeds, c.losses, strict=True)) for c in ok}
-    best_lr = paired_argmin(losses)
+    best_lr = paired_argmin({c.lr: dict(zip(c.seeds, c.losses, strict=True)) for c in ok})
     verdicts = []
     for j in (k - 2, k + 2):
         far = study.cell(at[j], size) if j in at else None
         if far is None:
-            return None
-        if far.status != "ok":
+            verdicts.append(None)
+        elif far.status != "ok":
             verdicts.append(True if far.status == "div" else None)
-            continue
-        if best_lr is None:  # every run within one step diverged (False) or failed
+        elif best_lr is None:  # every run within one step diverged (False) or failed
             verdicts.append(False if near and all(c and c.status == "div" for c in near) else None)
-            continue
-        seeds = common_seeds((study.cells[best_lr, size], far))
-        if seeds is None or len(seeds) < 2:
-            return None
-        diffs = np.subtract(far.on(seeds), study.cells[best_lr, size].on(seeds))
-        bound = t_quantile(0.95, len(diffs) - 1) * float(np.std(diffs, ddof=1))
-        bound /= math.sqrt(len(diffs))
-        gap = float(np.mean(diffs))
-        verdicts.append(True if gap > bound else False if gap < -bound else None)
+        else:
+            verdicts.append(lower(study.cells[best_lr, size], far))
     if False in verdicts:
         return False
     return None if None in verdicts else True
@@ -246,13 +253,17 @@ def transfer_summary(study: Study) -> Transfer:
     narrow, wide = study.sizes[0], study.sizes[-1]
     t_lr = best_lr[narrow]
     loss_at: dict[int, float] = {}
-    wider = monotone = None
+    wider = monotone = wider_decided = None
     if t_lr is not None:
         for size in study.sizes:
             cell = study.cell(t_lr, size)
             loss_at[size] = cell.value if cell else math.nan
         if len(study.sizes) > 1:
             wider = bool(loss_at[wide] < loss_at[narrow])
+            far = study.cell(t_lr, wide)
+            if far is not None and far.status != "fail":
+                ok = far.status == "ok"
+                wider_decided = lower(far, study.cells[t_lr, narrow]) if ok else False
             seq = [v for v in loss_at.values() if not math.isnan(v)]
             monotone = all(b < a for a, b in pairwise(seq))
     return Transfer(
@@ -271,6 +282,7 @@ def transfer_summary(study: Study) -> Transfer:
         transferred_lr=t_lr,
         loss_at_transferred=loss_at,
         wider_better=wider,
+        wider_better_decided=wider_decided,
         monotone=monotone,
         min_seeds=min((n for n in best_n.values() if n), default=0),
         noise={size: _noise(study, size, best_lr[size]) for size in study.sizes},
