@@ -85,10 +85,11 @@ CHECKS = {
 }
 
 
-def _depth(arch: str, steps: int = 5, alphas=(1.0, 0.0)) -> dict:
+def _depth(arch: str, steps: int = 5, alphas=(1.0, 0.0), model_options=None) -> dict:
     """A depth check (2→16 at width 64, AdamW at LR) of one bundled model."""
     return dict(
         arch=arch,
+        model_options=model_options,
         axis="depth",
         sizes=(2, 4, 8, 16),
         kinds=("mup",),
@@ -137,6 +138,12 @@ CHECKS.update(
         "llama-depth-20": _depth("llama", steps=20, alphas=(1.0, 0.5, 0.0)),
         "depth-20": _depth("gpt", steps=20, alphas=(1.0, 0.5, 0.0)),
         "llama-depth": _depth("llama"),
+        # which of the Llama's differences makes its α = 1 residual fall at 5 steps
+        "depth-rotary": _depth("gpt", alphas=(1.0,), model_options={"position": "rotary"}),
+        "depth-nobias": _depth("gpt", alphas=(1.0,), model_options={"bias": False}),
+        "depth-rotary-nobias": _depth(
+            "gpt", alphas=(1.0,), model_options={"position": "rotary", "bias": False}
+        ),
     }
 )
 
