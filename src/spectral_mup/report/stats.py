@@ -169,7 +169,7 @@ def _noise(study: Study, size: int, lr: float | None) -> tuple[float, float, flo
     return gap, se, float(np.std(diffs, ddof=1) / math.sqrt(n))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def t_quantile(p: float, df: int) -> float:
     """The ``p`` quantile (p > ½) of Student's t with ``df`` degrees of freedom: the CDF by
     Simpson's rule on the density, inverted by bisection (no SciPy here); ~1e-6 accurate."""
