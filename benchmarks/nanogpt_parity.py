@@ -13,7 +13,8 @@ the end) on the same shapes: SP with tied weights (nanoGPT's architecture exactl
 
     SMUP_DATA_DIR=../shared/data python benchmarks/nanogpt_parity.py --widths 64,128,256,512
 
-Prints tokens/s per model and ours ÷ reference.
+Prints tokens/s per model and ours ÷ reference; ``--profile N`` then lists the N ops of most
+self CPU time in one run of ours per model and width (where the two of ours differ).
 """
 
 from __future__ import annotations
@@ -126,9 +127,11 @@ def ours_seconds(width: int, kind: str, args, root: Path) -> float:
             "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.1},
             "train": {"batch_size": args.batch, "max_iters": args.steps, "warmup_iters": 10,
                       "eval_interval": args.steps, "eval_iters": 1, "progress": False,
-                      "out_dir": str(root / f"{kind}{width}")},
+                      "out_dir": tempfile.mkdtemp(prefix=f"{kind}{width}_", dir=root)},
         }
     )  # fmt: skip
+    # a fresh out_dir per call: train.run returns a finished run's stored result instead of
+    # training again (until 2026-12-03 every trial after the first re-read the first's time)
     result = run(cfg, log=None)
     return result["wall_time"] - result["eval_time"]
 
@@ -143,6 +146,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="after the table, profile one run of ours (SP tied, μP) per width and print the "
+        "N ops of most self CPU time",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data = load_dataset(None)
@@ -162,6 +172,25 @@ def main() -> None:
         rate = {k: tokens / statistics.median(v) for k, v in times.items()}
         print(f"| {width} | {rate['ref']:.0f} | {rate['sp']:.0f} | {rate['sp'] / rate['ref']:.3f}× "
               f"| {rate['mup']:.0f} | {rate['mup'] / rate['ref']:.3f}× |", flush=True)  # fmt: skip
+    for width in (int(w) for w in args.widths.split(",")) if args.profile else ():
+        for kind in ("sp", "mup"):
+            profile_ours(width, kind, args, root)
+
+
+def profile_ours(width: int, kind: str, args, root: Path) -> None:
+    """Where one run of ours spends its step loop: the top ``args.profile`` ops by self CPU
+    time (torch.profiler), after one warm-up run."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ours_seconds(width, kind, args, root)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        seconds = ours_seconds(width, kind, args, root)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"\n{kind} width {width}: {seconds:.2f} s for {args.steps} steps (profiled)")
+    for e in events[: args.profile]:
+        share = 100 * e.self_cpu_time_total / total
+        print(f"  {e.key[:60]:<60} {share:5.1f}%  {e.count} calls")
 
 
 if __name__ == "__main__":
