@@ -215,17 +215,14 @@ def _identity(row: dict[str, Any]) -> dict[str, Any]:
     return flat_config(fingerprint(config) if sections else config)
 
 
-def hp_keys(
-    rows: Sequence[dict[str, Any]], flats: Sequence[dict[str, Any]] | None = None
-) -> list[str]:
+def hp_keys(rows: Sequence[dict[str, Any]], flats: Sequence[dict[str, Any]]) -> list[str]:
     """The config keys besides the LR and the seed that a group of runs sweeps: those whose
     value differs between two runs of the same width and depth (a key that follows the
     width, such as a derived hidden size, is not one; runtime keys never are). ``flats``:
-    the rows' ``_identity``, where the caller has it."""
+    the rows' ``_identity``."""
     from ..train import RUNTIME_KEYS
 
     fixed = {"optim.lr", "train.seed", *(f"train.{k}" for k in RUNTIME_KEYS)}
-    flats = [_identity(row) for row in rows] if flats is None else flats
     keys = {k for flat in flats for k in flat} - fixed
     values: dict[tuple[int, int, str], set[str]] = defaultdict(set)
     for row, flat in zip(rows, flats, strict=True):
