@@ -166,7 +166,12 @@ def _noise(study: Study, size: int, lr: float | None) -> tuple[float, float, flo
     n = len(a)
     diffs = np.subtract(b, a)
     se = math.sqrt((np.var(a, ddof=1) + np.var(b, ddof=1)) / n)
-    return gap, se, float(np.std(diffs, ddof=1) / math.sqrt(n))
+    return gap, se, paired_se(diffs)
+
+
+def paired_se(diffs: Sequence[float]) -> float:
+    """Standard error of the mean of per-seed loss gaps (≥ 2 of them)."""
+    return float(np.std(diffs, ddof=1) / math.sqrt(len(diffs)))
 
 
 @functools.cache
@@ -200,8 +205,7 @@ def lower(a: Cell, b: Cell) -> bool | None:
     if seeds is None or len(seeds) < 2:
         return None
     diffs = np.subtract(b.on(seeds), a.on(seeds))
-    n = len(diffs)
-    bound = t_quantile(0.95, n - 1) * float(np.std(diffs, ddof=1)) / math.sqrt(n)
+    bound = t_quantile(0.95, len(diffs) - 1) * paired_se(diffs)
     gap = float(np.mean(diffs))
     return True if gap > bound else False if gap < -bound else None
 
