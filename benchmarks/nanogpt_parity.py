@@ -4,24 +4,34 @@ The reference is a plain GPT written here to nanoGPT's model.py semantics (nothi
 nothing vendored): learned positions, pre-LayerNorm blocks with biases, fused q/k/v, SDPA
 with ``is_causal``, GELU MLP ×4, tied embedding/head, N(0, 0.02) init with c_proj scaled by
 1/sqrt(2·depth), and nanoGPT's loop: sample a batch, forward with the loss inside, backward,
-clip to 1.0, AdamW (decay and no-decay groups, betas 0.9/0.95) with the LR set per group
-every step, ``zero_grad(set_to_none=True)``. Ours is ``train.run`` itself (its wall time
-less its eval time: the step loop, not model build, data load or the one 1-batch eval at
-the end) on the same shapes: SP with tied weights (nanoGPT's architecture exactly) and μP
-(the sweeps' default, untied head). Trials alternate between the models (median of
-``--trials``), one process, ``--threads`` torch threads.
+clip to 1.0, AdamW (decay and no-decay groups, betas 0.9/0.95; torch's default foreach
+step: nanoGPT asks for the fused one on CUDA only) with the LR set per group every step,
+``zero_grad(set_to_none=True)``. Ours is ``train.run`` itself (its wall time less its eval
+time: the step loop, not model build, data load or the one 1-batch eval at the end) on the
+same shapes: SP with tied weights (nanoGPT's architecture exactly) and μP (the sweeps'
+default, untied head).
 
-    SMUP_DATA_DIR=../shared/data python benchmarks/nanogpt_parity.py --widths 64,128,256,512
+Every trial of every model runs in a fresh process, as a user runs either (run in one
+process, the models' times depend on which ran before: up to ±10% on one 2-core VM), and
+the order within a trial alternates (ref, SP, μP; then μP, SP, ref). Printed per width:
+tokens/s (median over ``--trials``) and ours ÷ reference as the median of the per-trial
+ratios, with their range. One thread by default: run it pinned to one idle core.
 
-Prints tokens/s per model and ours ÷ reference; ``--profile N`` then lists the N ops of most
-self CPU time in one run of ours per model and width (where the two of ours differ).
+    SMUP_DATA_DIR=../shared/data taskset -c 1 python benchmarks/nanogpt_parity.py \
+        --widths 64,128,256,512
+
+``--profile N`` then lists the N ops of most self CPU time in one run of ours per model and
+width (where the two of ours differ).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -136,6 +146,29 @@ def ours_seconds(width: int, kind: str, args, root: Path) -> float:
     return result["wall_time"] - result["eval_time"]
 
 
+MODELS = ("ref", "sp", "mup")
+
+
+def one_trial(model: str, width: int, args) -> float:
+    """Seconds of ``args.steps`` steps of one model, trained in a fresh process."""
+    cmd = [sys.executable, __file__, "--worker", model, "--widths", str(width)]
+    for key in ("depth", "heads", "batch", "block", "steps", "threads"):
+        cmd += [f"--{key}", str(getattr(args, key))]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["seconds"]
+
+
+def worker(args) -> None:
+    torch.set_num_threads(args.threads)
+    width = int(args.widths)
+    if args.worker == "ref":
+        seconds = reference_seconds(load_dataset(None), width, args)
+    else:  # the run's checkpoint and weights go with the process
+        with tempfile.TemporaryDirectory(prefix="nanogpt_parity_") as root:
+            seconds = ours_seconds(width, args.worker, args, Path(root))
+    print(json.dumps({"seconds": seconds}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--widths", default="64,128,256,512")
@@ -153,28 +186,35 @@ def main() -> None:
         help="after the table, profile one run of ours (SP tied, μP) per width and print the "
         "N ops of most self CPU time",
     )
+    ap.add_argument("--worker", choices=MODELS, help=argparse.SUPPRESS)  # one trial, in-process
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    data = load_dataset(None)
-    root = Path(tempfile.mkdtemp(prefix="nanogpt_parity_"))
+    if args.worker:
+        return worker(args)
     tokens = args.steps * args.batch * args.block
     print(f"depth {args.depth}, {args.heads} heads, batch {args.batch}×{args.block}, "
-          f"{args.steps} steps, {args.threads} thread(s), "
-          f"median of {args.trials} interleaved trials")  # fmt: skip
-    print("| width | reference tok/s | ours SP (tied) tok/s | ratio | ours μP tok/s | ratio |")
+          f"{args.steps} steps, {args.threads} thread(s), {args.trials} trials, each model "
+          "in a fresh process, order alternating")  # fmt: skip
+    print("| width | reference tok/s | ours SP (tied) tok/s | ours ÷ ref (range) "
+          "| ours μP tok/s | ours ÷ ref (range) |")  # fmt: skip
     print("|---|---|---|---|---|---|")
     for width in (int(w) for w in args.widths.split(",")):
-        times: dict[str, list[float]] = {"ref": [], "sp": [], "mup": []}
-        for _ in range(args.trials):
-            times["ref"].append(reference_seconds(data, width, args))
-            times["sp"].append(ours_seconds(width, "sp", args, root))
-            times["mup"].append(ours_seconds(width, "mup", args, root))
-        rate = {k: tokens / statistics.median(v) for k, v in times.items()}
-        print(f"| {width} | {rate['ref']:.0f} | {rate['sp']:.0f} | {rate['sp'] / rate['ref']:.3f}× "
-              f"| {rate['mup']:.0f} | {rate['mup'] / rate['ref']:.3f}× |", flush=True)  # fmt: skip
-    for width in (int(w) for w in args.widths.split(",")) if args.profile else ():
-        for kind in ("sp", "mup"):
-            profile_ours(width, kind, args, root)
+        times: dict[str, list[float]] = {m: [] for m in MODELS}
+        for trial in range(args.trials):
+            for model in MODELS if trial % 2 == 0 else MODELS[::-1]:
+                times[model].append(one_trial(model, width, args))
+        rate = {m: tokens / statistics.median(v) for m, v in times.items()}
+        cells = [f"{rate['ref']:.0f}"]
+        for model in ("sp", "mup"):
+            ratios = [r / o for r, o in zip(times["ref"], times[model], strict=True)]
+            spread = f"({min(ratios):.3f}–{max(ratios):.3f})"
+            cells += [f"{rate[model]:.0f}", f"{statistics.median(ratios):.3f}× {spread}"]
+        print(f"| {width} | " + " | ".join(cells) + " |", flush=True)
+    if args.profile:
+        torch.set_num_threads(args.threads)
+        with tempfile.TemporaryDirectory(prefix="nanogpt_parity_") as root:
+            for width in (int(w) for w in args.widths.split(",")):
+                for kind in ("sp", "mup"):
+                    profile_ours(width, kind, args, Path(root))
 
 
 def profile_ours(width: int, kind: str, args, root: Path) -> None:

@@ -546,3 +546,35 @@ def test_grad_none_params_untouched(name):
     assert torch.equal(params[1], frozen)
     assert not opt.state.get(params[1])
     assert not torch.equal(params[0], prob.init[0])
+
+
+# --------------------------------------------------------------------------------------
+# torch's fused kernels where they exist
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_torch_optimizers_take_the_fused_step_unless_the_caller_chose(name):
+    """torch's own AdamW and SGD step with one fused kernel per tensor (4–7× faster AdamW
+    steps on CPU than torch's default foreach chain); the parameters move as under foreach,
+    to float rounding. A kernel switch the caller sets is kept, and optimizers without a
+    fused step get none."""
+    p = Parametrization(kind="mup", base_width=32, base_depth=1)
+    cfg = GPTConfig(width=64, depth=2, n_heads=2, vocab_size=65, block_size=16)
+    runs = {}
+    for switch in ({}, {"foreach": True}):
+        torch.manual_seed(0)
+        model = GPT(cfg, p)
+        opt = build_optimizer(name, model, p, lr=1e-2, weight_decay=0.1, **switch)
+        assert all(bool(g["fused"]) == (not switch) for g in opt.param_groups)
+        assert all(g["foreach"] is (True if switch else None) for g in opt.param_groups)
+        x = torch.randint(0, 65, (4, 16), generator=torch.Generator().manual_seed(1))
+        for _ in range(5):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        runs[bool(switch)] = model
+    for a, b in zip(runs[False].parameters(), runs[True].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    model = GPT(cfg, p)
+    assert not build_optimizer("lion", model, p, lr=1e-3).defaults.get("fused")

@@ -24,6 +24,7 @@ from .lamb import LAMB
 from .lion import Lion
 from .muon import Muon
 from .shampoo import Shampoo
+from .sharded import is_sharded
 from .soap import SOAP
 from .sophia import SophiaG
 from .spectral import SpectralNormalized
@@ -158,6 +159,35 @@ def optimizer_rule(name: str, options: dict[str, Any]) -> rules.OptimizerRule:
     return cached_rule(name, options)
 
 
+# switches that pick torch's implementation of a step: a caller who sets one keeps its choice
+_KERNEL_SWITCHES = ("foreach", "fused", "capturable", "differentiable")
+
+
+def fused_option(
+    cls: type, options: dict[str, Any], groups: list[dict[str, Any]]
+) -> dict[str, bool]:
+    """``{"fused": True}`` for torch's own optimizers that have a fused step (AdamW, Adam,
+    SGD, Adagrad) when every parameter is a plain floating-point tensor on a device with
+    fused kernels (CPU included): one kernel per tensor instead of a chain of ``_foreach``
+    ops, 4–7× faster AdamW steps on CPU (benchmarks/nanogpt_parity.py). nanoGPT enables it
+    on CUDA only; torch defaults to foreach everywhere. Left out when the caller picked a
+    kernel switch, for other optimizers, and for FSDP2's sharded (DTensor) parameters."""
+    if not cls.__module__.startswith("torch.optim") or any(k in options for k in _KERNEL_SWITCHES):
+        return {}
+    if "fused" not in inspect.signature(cls.__init__).parameters:
+        return {}
+    try:  # torch's own list of them (a private helper: without it, no fused step)
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:
+        return {}
+    devices = _get_fused_kernels_supported_devices()
+    for group in groups:
+        for q in group["params"]:
+            if is_sharded(q) or not q.is_floating_point() or q.device.type not in devices:
+                return {}
+    return {"fused": True}
+
+
 def split_options(spec: OptimizerSpec, kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     """The optimizer's options over its defaults, and its ε (``eps`` names any optimizer's ε,
     e.g. Shampoo's damping ``epsilon``), taken out of them."""
@@ -254,7 +284,7 @@ def build_optimizer(
                 stacklevel=2,
             )
     try:
-        opt = spec.cls(groups, lr=lr, **options)
+        opt = spec.cls(groups, lr=lr, **options, **fused_option(spec.cls, options, groups))
         return SpectralNormalized(opt) if spectral_normalize else opt
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"bad option for optimizer {name!r}: {exc}") from None
