@@ -9,7 +9,8 @@ step: nanoGPT asks for the fused one on CUDA only) with the LR set per group eve
 ``zero_grad(set_to_none=True)``. Ours is ``train.run`` itself (its wall time less its eval
 time: the step loop, not model build, data load or the one 1-batch eval at the end) on the
 same shapes: SP with tied weights (nanoGPT's architecture exactly) and μP (the sweeps'
-default, untied head).
+default, untied head), in a process set up as ``smup`` sets up its own (malloc keeps freed
+memory: ``train.keep_freed_memory``; ``SMUP_KEEP_FREED_MEMORY=0`` times ours without it).
 
 Every trial of every model runs in a fresh process, as a user runs either (run in one
 process, the models' times depend on which ran before: up to ±10% on one 2-core VM), and
@@ -43,7 +44,7 @@ from torch import nn
 
 from spectral_mup.config import build_config
 from spectral_mup.data import load_dataset
-from spectral_mup.train import run
+from spectral_mup.train import keep_freed_memory, run
 
 
 class RefAttention(nn.Module):
@@ -163,7 +164,8 @@ def worker(args) -> None:
     width = int(args.widths)
     if args.worker == "ref":
         seconds = reference_seconds(load_dataset(None), width, args)
-    else:  # the run's checkpoint and weights go with the process
+    else:  # as `smup train` runs it; the run's checkpoint and weights go with the process
+        keep_freed_memory()
         with tempfile.TemporaryDirectory(prefix="nanogpt_parity_") as root:
             seconds = ours_seconds(width, args.worker, args, Path(root))
     print(json.dumps({"seconds": seconds}))

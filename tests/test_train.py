@@ -536,3 +536,39 @@ def test_checkpoints_and_ids_from_before_later_keys_still_match(tmp_path: Path) 
     for key in ("lr_input", "readout_scale", "attention_mult"):
         other = tiny(tmp_path / "a", f"--param.{key}", "2.0")
         assert sweep.run_id(other) != sweep.run_id(cfg), key
+
+
+_REFAULTS = """
+import resource, sys, torch
+from spectral_mup.train import keep_freed_memory
+applied = keep_freed_memory() if sys.argv[1] == "1" else False
+torch.ones(1 << 24).sum()  # 64 MiB, written (every page faulted in), freed
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    torch.ones(1 << 24).sum()
+print(int(applied), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_keep_freed_memory_stops_refaulting_freed_blocks() -> None:
+    """glibc hands a freed 64 MiB block back to the OS, so each of 20 later ones faults in
+    its 16k pages again; after keep_freed_memory (what ``smup`` and sweep workers call) the
+    freed block is reused and its pages stay. Opt out with SMUP_KEEP_FREED_MEMORY=0."""
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("keep_freed_memory tunes glibc's malloc; this libc is not glibc")
+
+    def faults(keep: str, env: dict[str, str] | None = None) -> tuple[int, int]:
+        out = subprocess.run(
+            [sys.executable, "-c", _REFAULTS, keep],
+            capture_output=True, text=True, check=True, env={**os.environ, **(env or {})},
+        )  # fmt: skip
+        applied, count = out.stdout.split()
+        return int(applied), int(count)
+
+    (_, plain), (applied, kept) = faults("0"), faults("1")
+    assert applied == 1
+    assert plain > 20 * 16384 // 2, plain  # at least half of the 20 blocks' 4 KiB pages
+    assert kept < 16384, kept  # not even one block's pages
+    assert faults("1", {"SMUP_KEEP_FREED_MEMORY": "0"})[0] == 0

@@ -292,6 +292,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if args.command in ("train", "sweep", "transfer", "coord-check", "probe"):
+            from .train import keep_freed_memory
+
+            keep_freed_memory()  # faster CPU steps; process-wide, so here and not in run
         if args.command != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # every rank would run the whole command and write the same files
             raise ConfigError(

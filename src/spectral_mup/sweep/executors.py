@@ -76,9 +76,11 @@ def _task_with_threads(cfgs: list[RunConfig], threads: int) -> list[dict[str, An
 
 
 def _set_threads(threads: int) -> None:
+    """A worker's setup: its torch threads, and malloc keeping freed memory (as ``smup``)."""
     import torch
 
     torch.set_num_threads(threads)
+    train.keep_freed_memory()
 
 
 # ----------------------------------------------------------------------------- executors
