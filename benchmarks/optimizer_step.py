@@ -10,6 +10,8 @@ head), mean over --steps × (preconditioner period) steps after the first call, 
 amortized root / eigenbasis refresh is included. References: torch.optim.Muon,
 pytorch_optimizer.Shampoo, pytorch_optimizer.SOAP (test extra).
 Targets (issue 4): Muon ≤ 1.0× torch.optim.Muon; Shampoo and SOAP ≥ 1.5× faster.
+``--optimizers adamw``: the AdamW step build_optimizer makes (torch's fused one where it
+exists) against torch.optim.AdamW built by default (its foreach step), on every matrix.
 """
 
 from __future__ import annotations
@@ -125,6 +127,25 @@ def muon_rows(args) -> list[tuple[str, float, float]]:
     return rows
 
 
+def adamw_rows(args) -> list[tuple[str, float, float]]:
+    """Ours (build_optimizer: torch's AdamW with its fused step, optim.fused_option) vs
+    torch.optim.AdamW as constructed by default (the foreach step), on every GPT matrix."""
+    from spectral_mup.optim import fused_option
+
+    def params():
+        return hidden_matrices(args.width, args.depth, args.device, every_matrix=True)
+
+    kw = {"lr": 1e-3, "betas": (0.9, 0.95), "weight_decay": 0.1}
+    reference = time_steps(torch.optim.AdamW(params(), **kw), args.steps, args.device)
+    ps = params()
+    fused = fused_option(torch.optim.AdamW, {}, [{"params": ps}])
+    ours = time_steps(torch.optim.AdamW(ps, **kw, **fused), args.steps, args.device)
+    return [
+        ("torch.optim.AdamW (default: foreach)", reference, 1.0),
+        (f"spectral_mup AdamW ({'fused' if fused else 'foreach'})", ours, ours / reference),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=512)
@@ -138,6 +159,8 @@ def main() -> None:
     args = parser.parse_args()
     kinds = args.optimizers.split(",")
     rows = muon_rows(args) if "muon" in kinds else []
+    if "adamw" in kinds:
+        rows.extend(adamw_rows(args))
     for kind in ("shampoo", "soap"):
         if kind in kinds:
             rows.extend(kronecker_rows(args, kind))

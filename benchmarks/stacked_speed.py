@@ -6,6 +6,9 @@ K configs trained one by one through train.run (``--singles`` of them, timed, th
 alike) and then as one stack. One torch thread for both (a sweep worker's share of 2 cores).
 
     SMUP_DATA_DIR=../shared/data python benchmarks/stacked_speed.py --widths 16,64,128 --k 8
+
+``--profile N`` then profiles one stack per width: its N ops of most self CPU time and the
+share of its step in arithmetic kernels (sweep_throughput.KERNELS), which no stacking removes.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--singles", type=int, default=2, help="single runs timed per width")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--profile", type=int, default=0, help="ops listed per stack's profile")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="stacked_speed_"))
@@ -58,6 +62,23 @@ def main() -> None:
         train_stacked(stack)
         per = (time.perf_counter() - start) / args.k
         print(f"| {width} | {args.k} | {one:.2f} | {per:.2f} | {one / per:.2f}× |", flush=True)
+    for width in (int(w) for w in args.widths.split(",")) if args.profile else ():
+        profile_stack(configs(width, args.k, args.steps, root, "p"), args.profile)
+
+
+def profile_stack(cfgs: list, top: int) -> None:
+    from sweep_throughput import KERNELS  # this script's folder is on sys.path
+    from torch.profiler import profile
+
+    with profile() as prof:
+        train_stacked(cfgs)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    kernels = sum(e.self_cpu_time_total for e in events if any(k in e.key for k in KERNELS))
+    width, k = cfgs[0].model.width, len(cfgs)
+    print(f"\nstack of {k} at width {width}: {kernels / total:.0%} in arithmetic kernels")
+    for e in events[:top]:
+        print(f"  {e.key[:60]:<60} {100 * e.self_cpu_time_total / total:5.1f}%  {e.count} calls")
 
 
 if __name__ == "__main__":

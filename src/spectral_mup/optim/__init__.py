@@ -169,9 +169,10 @@ def fused_option(
     """``{"fused": True}`` for torch's own optimizers that have a fused step (AdamW, Adam,
     SGD, Adagrad) when every parameter is a plain floating-point tensor on a device with
     fused kernels (CPU included): one kernel per tensor instead of a chain of ``_foreach``
-    ops, 4–7× faster AdamW steps on CPU (benchmarks/nanogpt_parity.py). nanoGPT enables it
-    on CUDA only; torch defaults to foreach everywhere. Left out when the caller picked a
-    kernel switch, for other optimizers, and for FSDP2's sharded (DTensor) parameters."""
+    ops, 3.3–5.5× faster AdamW steps on a CPU core (benchmarks/optimizer_step.py
+    --optimizers adamw). nanoGPT enables it on CUDA only; torch defaults to foreach
+    everywhere. Left out when the caller picked a kernel switch, for other optimizers, and
+    for FSDP2's sharded (DTensor) parameters."""
     if not cls.__module__.startswith("torch.optim") or any(k in options for k in _KERNEL_SWITCHES):
         return {}
     if "fused" not in inspect.signature(cls.__init__).parameters:
