@@ -578,3 +578,19 @@ def test_torch_optimizers_take_the_fused_step_unless_the_caller_chose(name):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     model = GPT(cfg, p)
     assert not build_optimizer("lion", model, p, lr=1e-3).defaults.get("fused")
+
+
+def test_no_fused_step_for_sparse_layers_other_optimizers_or_non_float_tensors():
+    """The fused step is only asked for where torch has one that takes every parameter."""
+    from spectral_mup.optim import fused_option
+
+    def groups(m):
+        return [{"params": list(m.parameters())}]
+
+    dense, sparse = torch.nn.Embedding(10, 4), torch.nn.Embedding(10, 4, sparse=True)
+    assert fused_option(torch.optim.SGD, {}, groups(dense), dense) == {"fused": True}
+    assert fused_option(torch.optim.SGD, {}, groups(sparse), sparse) == {}  # sparse gradients
+    assert fused_option(torch.optim.Adagrad, {}, groups(dense), dense) == {}  # CPU-only fused
+    assert fused_option(torch.optim.AdamW, {"fused": False}, groups(dense), dense) == {}
+    ints = [{"params": [torch.zeros(3, dtype=torch.int64)]}]
+    assert fused_option(torch.optim.AdamW, {}, ints) == {}

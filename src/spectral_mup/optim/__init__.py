@@ -161,21 +161,26 @@ def optimizer_rule(name: str, options: dict[str, Any]) -> rules.OptimizerRule:
 
 # switches that pick torch's implementation of a step: a caller who sets one keeps its choice
 _KERNEL_SWITCHES = ("foreach", "fused", "capturable", "differentiable")
+# torch's optimizers whose fused step runs on CPU and CUDA alike (Adagrad's is CPU-only)
+_FUSED = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
 
 
 def fused_option(
-    cls: type, options: dict[str, Any], groups: list[dict[str, Any]]
+    cls: type,
+    options: dict[str, Any],
+    groups: list[dict[str, Any]],
+    model: nn.Module | None = None,
 ) -> dict[str, bool]:
-    """``{"fused": True}`` for torch's own optimizers that have a fused step (AdamW, Adam,
-    SGD, Adagrad) when every parameter is a plain floating-point tensor on a device with
-    fused kernels (CPU included): one kernel per tensor instead of a chain of ``_foreach``
-    ops, 3.3–5.5× faster AdamW steps on a CPU core (benchmarks/optimizer_step.py
-    --optimizers adamw). nanoGPT enables it on CUDA only; torch defaults to foreach
-    everywhere. Left out when the caller picked a kernel switch, for other optimizers, and
-    for FSDP2's sharded (DTensor) parameters."""
-    if not cls.__module__.startswith("torch.optim") or any(k in options for k in _KERNEL_SWITCHES):
+    """``{"fused": True}`` for torch's AdamW, Adam and SGD when every parameter is a plain
+    floating-point tensor on a device with fused kernels (CPU included): one kernel per
+    tensor instead of a chain of ``_foreach`` ops, 3.3–5.5× faster AdamW steps on a CPU core
+    (benchmarks/optimizer_step.py --optimizers adamw). nanoGPT enables it on CUDA only;
+    torch defaults to foreach everywhere. Left out when the caller picked a kernel switch,
+    for other optimizers, for FSDP2's sharded (DTensor) parameters and for a ``model`` with
+    a sparse-gradient layer (``nn.Embedding(sparse=True)``: no fused step takes those)."""
+    if cls not in _FUSED or any(k in options for k in _KERNEL_SWITCHES):
         return {}
-    if "fused" not in inspect.signature(cls.__init__).parameters:
+    if model is not None and any(getattr(m, "sparse", False) is True for m in model.modules()):
         return {}
     try:  # torch's own list of them (a private helper: without it, no fused step)
         from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
@@ -285,7 +290,8 @@ def build_optimizer(
                 stacklevel=2,
             )
     try:
-        opt = spec.cls(groups, lr=lr, **options, **fused_option(spec.cls, options, groups))
+        fused = fused_option(spec.cls, options, groups, model)
+        opt = spec.cls(groups, lr=lr, **options, **fused)
         return SpectralNormalized(opt) if spectral_normalize else opt
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"bad option for optimizer {name!r}: {exc}") from None
