@@ -552,8 +552,8 @@ print(int(applied), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 def test_keep_freed_memory_stops_refaulting_freed_blocks() -> None:
     """glibc hands a freed 64 MiB block back to the OS, so each of 20 later ones faults in
-    its 16k pages again; after keep_freed_memory (what ``smup`` and sweep workers call) the
-    freed block is reused and its pages stay. Opt out with SMUP_KEEP_FREED_MEMORY=0."""
+    its 16k pages again; after keep_freed_memory (what ``smup`` and sweep workers call) freed
+    blocks are reused and their pages stay. Opt out with SMUP_KEEP_FREED_MEMORY=0."""
     import platform
 
     if platform.libc_ver()[0] != "glibc":
@@ -569,6 +569,8 @@ def test_keep_freed_memory_stops_refaulting_freed_blocks() -> None:
 
     (_, plain), (applied, kept) = faults("0"), faults("1")
     assert applied == 1
-    assert plain > 20 * 16384 // 2, plain  # at least half of the 20 blocks' 4 KiB pages
-    assert kept < 16384, kept  # not even one block's pages
+    # 16384 4 KiB pages per block: without it every block faults in again; with it the heap
+    # may grow by a block or two while it settles (16384 in one fresh clone, 0 here), no more
+    assert plain > 10 * 16384, plain
+    assert kept <= 3 * 16384, kept
     assert faults("1", {"SMUP_KEEP_FREED_MEMORY": "0"})[0] == 0
