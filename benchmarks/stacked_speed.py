@@ -1,4 +1,4 @@
-"""Stacked runs (spectral_mup.batched.train_stacked) against one run at a time: seconds per run.
+"""Stacked runs (spectral_mup.train.train_stacked) against one run at a time: seconds per run.
 
 K runs of the demo's shape (configs/demo.toml: depth 4, 2 heads, batch 16 × 128, AdamW) at
 one width, differing in LR and seed, for ``--steps`` steps with one eval at the end; the same
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from spectral_mup.batched import train_stacked
+from spectral_mup.train import train_stacked
 from spectral_mup.config import build_config, load_config
 from spectral_mup.train import run
 

@@ -1,4 +1,4 @@
-"""Stacked runs (spectral_mup.batched) against K separate models and optimizers: the same
+"""Stacked runs (spectral_mup.train.stack, .slices, .stacked) against K separate models and optimizers: the same
 outputs and, step by step, the same weights (float64, so any difference is a bug, not
 rounding)."""
 
@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from spectral_mup import Parametrization, build_optimizer
-from spectral_mup.batched import NotBatchable, stack, stacked_optimizer
+from spectral_mup.train.slices import stacked_optimizer
+from spectral_mup.train.stack import NotBatchable, stack
 from spectral_mup.models import GPT, GPTConfig, Llama, LlamaConfig
 
 SHAPE = dict(width=32, depth=2, n_heads=2, vocab_size=65, block_size=16)
@@ -167,7 +168,7 @@ def _configs(root, optimizer="adamw", lrs=(0.004, 0.016, 50.0), per_run=({}, {},
 
 def _stack_vs_single(tmp_path, optimizer, lrs, mode, per_run=({}, {}, {})):
     """The three runs of ``_configs`` through train.run and as one stack."""
-    from spectral_mup.batched import train_stacked
+    from spectral_mup.train import train_stacked
     from spectral_mup.train import run
 
     want = [run(c, log=None) for c in _configs(tmp_path / "single", optimizer, lrs, per_run)]
@@ -211,11 +212,12 @@ def test_a_killed_stack_resumes_from_its_checkpoint_bit_for_bit(tmp_path, monkey
     """A stack killed right after its second checkpoint (step 20 of 30) resumes from it:
     the same results as an uninterrupted stack, to the bit; the checkpoint is deleted at
     the end. A checkpoint of other runs is ignored (the stack starts over)."""
-    import spectral_mup.batched as B
+    import spectral_mup.train.stacked as B
+    from spectral_mup.train.checkpoint import STACK_FORMAT
 
     want = B.train_stacked(_configs(tmp_path / "clean"), mode=mode)
     ckpt = tmp_path / "stack.pt"
-    save, saves, kill = B._save_stack, [], [True]
+    save, saves, kill = B.save_stack, [], [True]
 
     def killed_after_two(path, state):
         save(path, state)
@@ -223,7 +225,7 @@ def test_a_killed_stack_resumes_from_its_checkpoint_bit_for_bit(tmp_path, monkey
         if kill[0] and len(saves) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(B, "_save_stack", killed_after_two)
+    monkeypatch.setattr(B, "save_stack", killed_after_two)
     with pytest.raises(KeyboardInterrupt):
         B.train_stacked(_configs(tmp_path / "killed"), mode=mode, checkpoint=ckpt)
     assert saves == [10, 20] and ckpt.exists()
@@ -240,17 +242,17 @@ def test_a_killed_stack_resumes_from_its_checkpoint_bit_for_bit(tmp_path, monkey
     other = _configs(
         tmp_path / "other"
     )  # another stack's checkpoint: ignored, the stack starts over
-    save(ckpt, {"format": B._STACK_FORMAT, "runs": ["x"], "it": 20})
+    save(ckpt, {"format": STACK_FORMAT, "runs": ["x"], "it": 20})
     again = B.train_stacked(other, mode=mode, checkpoint=ckpt)
     assert saves == [10, 20]
     assert [r["best_val_loss"] for r in again] == [r["best_val_loss"] for r in want]
 
 
 def test_runs_with_their_own_optimizer_options_stack_per_run(tmp_path):
-    """AdamW runs whose betas and ε differ share a stack (batched.PER_RUN_KEYS): auto
+    """AdamW runs whose betas and ε differ share a stack (train.stacked.PER_RUN_KEYS): auto
     cannot slice them (one optimizer, one set of options), so each run's own optimizer
     steps it; results equal train.run's (measured ≤ 3.4e-8 relative, 1 and 2 threads)."""
-    from spectral_mup.batched import check_stackable, stack_key
+    from spectral_mup.train.stacked import check_stackable, stack_key
     from spectral_mup.config import load_config, replace
 
     per_run = ({}, {"betas": (0.8, 0.99), "eps": 1e-6}, {"eps": 1e-10})

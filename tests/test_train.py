@@ -17,6 +17,7 @@ import torch
 
 from spectral_mup import sweep
 from spectral_mup import train as T
+from spectral_mup.train import loop as TL
 from spectral_mup.config import RunConfig, build_config, load_config
 from spectral_mup.errors import CheckpointError
 from spectral_mup.fileio import write_json
@@ -242,7 +243,7 @@ def _strict_json(text: str):
 
 
 def test_nan_val_loss_diverges_and_result_json_stays_valid(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(T, "evaluate", lambda *args, **kwargs: math.nan)
+    monkeypatch.setattr(TL, "evaluate", lambda *args, **kwargs: math.nan)
     cfg = tiny(tmp_path / "run", "--train.max_iters", "10", "--train.eval_interval", "2")
     result = run(cfg, log=None)
     assert (result["status"], result["diverged_at"], result["iters"]) == ("diverged", 2, 2)
@@ -277,7 +278,7 @@ def test_write_json_writes_non_finite_floats_as_null(tmp_path: Path) -> None:
 
 
 def test_early_stop_when_val_stalls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(T, "evaluate", lambda *args, **kwargs: 3.0)
+    monkeypatch.setattr(TL, "evaluate", lambda *args, **kwargs: 3.0)
     cfg = tiny(
         tmp_path / "run",
         "--train.eval_interval",
@@ -428,16 +429,16 @@ def test_resume_on_another_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert {("train", key) for key in T.RUNTIME_KEYS} == sweep.RUNTIME_KEYS
     args = ("--train.max_iters", "8", "--train.eval_interval", "4")
     whole = run(tiny(tmp_path / "whole", *args), log=None)
-    real_save = T.save_torch
+    real_save = TL.save_torch
 
     def save_then_die(path, obj):
         real_save(path, obj)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(T, "save_torch", save_then_die)
+    monkeypatch.setattr(TL, "save_torch", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(tiny(tmp_path / "cut", *args, "--train.device", "cpu"), log=None)
-    monkeypatch.setattr(T, "save_torch", real_save)
+    monkeypatch.setattr(TL, "save_torch", real_save)
     ckpt_path = tmp_path / "cut" / T.CHECKPOINT
     ckpt = torch.load(ckpt_path, weights_only=True)
     assert ckpt["state"]["iter"] == 4 and "device" not in ckpt["config"]["train"]
@@ -475,17 +476,17 @@ def test_interrupted_run_resumes_exactly(tmp_path: Path, monkeypatch: pytest.Mon
     )
     whole = run(tiny(tmp_path / "whole", *args), log=None)
 
-    real_save, calls = T.save_torch, []
+    real_save, calls = TL.save_torch, []
 
     def save_then_die(path, obj):
         real_save(path, obj)
         calls.append(path)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(T, "save_torch", save_then_die)
+    monkeypatch.setattr(TL, "save_torch", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(tiny(tmp_path / "cut", *args), log=None)
-    monkeypatch.setattr(T, "save_torch", real_save)
+    monkeypatch.setattr(TL, "save_torch", real_save)
     assert torch.load(calls[0], weights_only=True)["state"]["iter"] == 4
     resumed = run(tiny(tmp_path / "cut", *args), log=None)
     assert resumed["history"] == whole["history"]

@@ -18,7 +18,7 @@ from .errors import ConfigError
 from .models import ARCHS, GPTConfig, config_class
 from .models.common import DecoderConfig, base_config
 from .optim import get_spec
-from .parametrize import Parametrization
+from .parametrize import ALL_HP_MULTIPLIERS, Parametrization
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -267,7 +267,7 @@ def _known_keys() -> dict[str, list[str]]:
     return {s: list(_field_types(s)) for s in SECTIONS}
 
 
-def _resolve_key(key: str) -> tuple[str, str]:
+def resolve_key(key: str) -> tuple[str, str]:
     """'train.max_iters', 'max-iters' or 'max_iters' -> ('train', 'max_iters')."""
     key = key.lstrip("-").replace("-", "_")
     key = _ALIASES.get(key, key)
@@ -345,7 +345,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except UnicodeDecodeError:
             raise ConfigError(f"config {path} is not UTF-8 text") from None
     for key, value in parse_overrides(overrides or []):
-        section, name = _resolve_key(key)
+        section, name = resolve_key(key)
         values.setdefault(section, {})[name] = value
     return build_config(values)
 
@@ -378,3 +378,42 @@ def replace(cfg: RunConfig, **sections: dict[str, Any]) -> RunConfig:
     for section, items in sections.items():
         values.setdefault(section, {}).update(items)
     return build_config(values)
+
+
+# ------------------------------------------------------------------------ run identity
+
+# train.* keys that change how a run executes, not what it computes: outside a run's
+# fingerprint (a sweep run's id) and free to change between a run and its resume
+RUNTIME_KEYS = frozenset(
+    {"out_dir", "resume", "progress", "device", "grad_accum", "parallel", "stop_at"}
+)
+
+# Keys added after run ids existed, at the value that trains the run it was before them:
+# there they are left out of the fingerprint, so adding them kept every stored id and
+# checkpoint (model.arch: the GPT was the only model; the transferable HP multipliers of
+# issue 13: 1; the GPT's model.position: learned positions were the only ones).
+LATER_KEYS: dict[tuple[str, str], Any] = {
+    ("model", "arch"): "gpt",
+    ("model", "position"): "learned",
+    **{("param", k): 1.0 for k in ALL_HP_MULTIPLIERS},
+}
+
+
+def fingerprint(cfg: RunConfig | dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The parts of a config (a ``RunConfig`` or its ``to_dict()``, e.g. a checkpoint's
+    stored fingerprint) that identify a run — a checkpoint must agree with them to be
+    resumed, and a sweep's run id hashes them: every key but the runtime ones
+    (:data:`RUNTIME_KEYS`), none set to ``None`` (an unset option is its default, so adding
+    an optional key keeps existing ids and checkpoints), and none of :data:`LATER_KEYS` at
+    its old value."""
+    d = cfg.to_dict() if isinstance(cfg, RunConfig) else cfg
+    return {
+        section: {
+            k: v
+            for k, v in items.items()
+            if v is not None
+            and not (section == "train" and k in RUNTIME_KEYS)
+            and not ((section, k) in LATER_KEYS and v == LATER_KEYS[section, k])
+        }
+        for section, items in d.items()
+    }

@@ -8,6 +8,7 @@ The fitted slope of the change RMS at the last step is the number to check.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,11 +20,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .data import load_dataset
 from .errors import ConfigError
 from .fileio import atomic_write, write_json
+from .models import build_model, config_class
 from .optim import build_optimizer, resolve_rule
 from .parametrize import Parametrization
 from .roles import module_layout
+from .train.objective import hessian_interval, loss_fn, update_hessian
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -192,8 +196,7 @@ def coord_check(
         torch.manual_seed(seed)
         model = build(size, p)
         opt = build_optimizer(optimizer, model, p, lr, **dict(optimizer_kwargs or {}))
-        hessian_every = getattr(opt, "hessian_interval", 0)
-        if hessian_every and hessian is None:
+        if hessian_interval(opt) and hessian is None:
             raise ConfigError(
                 f"{optimizer} keeps a Hessian estimate: pass coord_check(hessian=...) (e.g. "
                 "spectral_mup.train.update_hessian for a language model)"
@@ -204,38 +207,8 @@ def coord_check(
                 raise ConfigError(f"split_terms: {g!r} is not a tapped Linear/Conv1D layer")
         terms = [f"{g}:{t}" for g in split_terms for t in ("ΔW·x", "W₀·Δx")]
         group_sets.append([*tapped, *terms])
-        outputs: dict[str, torch.Tensor] = {}
-        inputs: dict[str, torch.Tensor] = {}
-        hooks = [
-            m.register_forward_hook(_recorder(outputs, g, inputs if g in split_terms else None))
-            for g, m in tapped.items()
-        ]
-        start = _measure(model, batches[0][0], outputs)
-        x0 = {g: inputs[g].clone() for g in split_terms}
-        w0 = {g: _weight_of(tapped[g]).detach().clone() for g in split_terms}
-        for g, out in start.items():
-            records.append(_row(label, size, seed, 0, g, _rms(out), 0.0))
-        for g in terms:
-            records.append(_row(label, size, seed, 0, g, 0.0, 0.0))
-        for step in range(1, steps + 1):
-            x, y = batches[(step - 1) % len(batches)]
-            opt.zero_grad(set_to_none=True)
-            loss(model, x, y).backward()
-            opt.step()
-            if hessian_every and step % hessian_every == 0:
-                hessian(model, opt, x)
-            now = _measure(model, batches[0][0], outputs)
-            for g, out in now.items():
-                records.append(_row(label, size, seed, step, g, _rms(out), _rms(out - start[g])))
-            for g in split_terms:
-                module = tapped[g]
-                with torch.no_grad():
-                    own = _apply(module, inputs[g], _weight_of(module) - w0[g])
-                    seen = _apply(module, inputs[g] - x0[g], w0[g])
-                for name, term in ((f"{g}:ΔW·x", own), (f"{g}:W₀·Δx", seen)):
-                    records.append(_row(label, size, seed, step, name, _rms(term), _rms(term)))
-        for h in hooks:
-            h.remove()
+        row = functools.partial(_row, label, size, seed)
+        records += _trajectory(model, opt, tapped, batches, loss, steps, hessian, split_terms, row)
     groups = [g for g in group_sets[0] if all(g in s for s in group_sets)] if group_sets else []
     return CoordReport(
         axis,
@@ -248,6 +221,57 @@ def coord_check(
         lr,
         records,
     )
+
+
+def _trajectory(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    tapped: Mapping[str, nn.Module],
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+    steps: int,
+    hessian: Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor], None] | None,
+    split_terms: Sequence[str],
+    row: Callable[..., dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """One model's rows (``row(step, group, rms, change)``): every tapped group's output
+    RMS and change from step 0 on the probe batch ``batches[0]``, at steps 0 … ``steps``,
+    and the split terms of ``split_terms`` (``coord_check``)."""
+    records = []
+    hessian_every = hessian_interval(opt)
+    outputs: dict[str, torch.Tensor] = {}
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [
+        m.register_forward_hook(_recorder(outputs, g, inputs if g in split_terms else None))
+        for g, m in tapped.items()
+    ]
+    start = _measure(model, batches[0][0], outputs)
+    x0 = {g: inputs[g].clone() for g in split_terms}
+    w0 = {g: _weight_of(tapped[g]).detach().clone() for g in split_terms}
+    for g, out in start.items():
+        records.append(row(0, g, _rms(out), 0.0))
+    for g in split_terms:
+        records += [row(0, f"{g}:{t}", 0.0, 0.0) for t in ("ΔW·x", "W₀·Δx")]
+    for step in range(1, steps + 1):
+        x, y = batches[(step - 1) % len(batches)]
+        opt.zero_grad(set_to_none=True)
+        loss(model, x, y).backward()
+        opt.step()
+        if hessian_every and step % hessian_every == 0:
+            hessian(model, opt, x)
+        now = _measure(model, batches[0][0], outputs)
+        for g, out in now.items():
+            records.append(row(step, g, _rms(out), _rms(out - start[g])))
+        for g in split_terms:
+            module = tapped[g]
+            with torch.no_grad():
+                own = _apply(module, inputs[g], _weight_of(module) - w0[g])
+                seen = _apply(module, inputs[g] - x0[g], w0[g])
+            for name, term in ((f"{g}:ΔW·x", own), (f"{g}:W₀·Δx", seen)):
+                records.append(row(step, name, _rms(term), _rms(term)))
+    for h in hooks:
+        h.remove()
+    return records
 
 
 @torch.no_grad()
@@ -337,13 +361,7 @@ def model_coord_check(
     ``axis="depth"``: ``sizes`` are depths at fixed ``width``, base depth = smallest depth.
     One row per kind × α (the label carries α when several are given).
     """
-    from .data import load_dataset
-    from .models import build_model, config_class
-    from .train import loss_fn, update_hessian
-
-    config_cls = config_class(arch)
-    options = dict(model_options or {})
-
+    config_cls = config_class(arch)  # an unknown arch fails before the data loads
     dataset = load_dataset(data)
     gen = torch.Generator().manual_seed(1234)
     batches = [dataset.get_batch("train", batch_size, block_size, gen) for _ in range(steps)]
@@ -352,31 +370,12 @@ def model_coord_check(
     zero_readout = zero_init_readout and not rule.follows_weight
     if split_terms is None:
         split_terms = () if zero_readout else ("logits",)
-    params: dict[str, Parametrization] = {}
-    for kind in kinds:
-        for alpha in depth_alphas if kind == "mup" else (0.0,):
-            label = kind if len(depth_alphas) == 1 or kind == "sp" else f"{kind} α={alpha:g}"
-            params[label] = Parametrization(
-                kind=kind,
-                depth_alpha=alpha,
-                base_width=base if axis == "width" else width,
-                base_depth=base if axis == "depth" else depth,
-                zero_init_readout=zero_readout,
-            )
+    bases = {"base_width": base, "base_depth": depth} if axis == "width" else {
+        "base_width": width, "base_depth": base}  # fmt: skip
+    params = _rows(kinds, depth_alphas, zero_init_readout=zero_readout, **bases)
 
-    # the smallest model, with ``model_options`` as given; every size is it resized
-    w0, d0 = (base, depth) if axis == "width" else (width, base)
-    if options.get("head_dim"):
-        options.setdefault("n_heads", w0 // options["head_dim"])
-    options.setdefault("n_heads", n_heads)
-    smallest = config_cls(
-        width=w0, depth=d0, vocab_size=dataset.vocab_size, block_size=block_size, **options
-    )
-
-    configs = {  # every size checked before anything trains
-        size: smallest.resized(*((size, depth) if axis == "width" else (width, size)))
-        for size in sizes
-    }
+    configs = _sized_configs(config_cls, axis, sizes, width, depth, n_heads,
+                             block_size, dataset.vocab_size, model_options)  # fmt: skip
 
     def build(size: int, p: Parametrization) -> nn.Module:
         return build_model(configs[size], p)
@@ -397,3 +396,45 @@ def model_coord_check(
         split_terms=split_terms,
         progress=progress,
     )
+
+
+def _sized_configs(
+    config_cls: type,
+    axis: str,
+    sizes: Sequence[int],
+    width: int,
+    depth: int,
+    n_heads: int,
+    block_size: int,
+    vocab_size: int,
+    model_options: Mapping[str, Any] | None,
+) -> dict[int, Any]:
+    """Each size's model config: the smallest model with ``model_options`` as given (its
+    head count from ``head_dim`` when that is set), resized to every size — all built before
+    anything trains, so a size that cannot be built fails first."""
+    options = dict(model_options or {})
+    base = min(sizes)
+    w0, d0 = (base, depth) if axis == "width" else (width, base)
+    if options.get("head_dim"):
+        options.setdefault("n_heads", w0 // options["head_dim"])
+    options.setdefault("n_heads", n_heads)
+    smallest = config_cls(
+        width=w0, depth=d0, vocab_size=vocab_size, block_size=block_size, **options
+    )
+    return {
+        size: smallest.resized(*((size, depth) if axis == "width" else (width, size)))
+        for size in sizes
+    }
+
+
+def _rows(
+    kinds: Sequence[str], depth_alphas: Sequence[float], **common: Any
+) -> dict[str, Parametrization]:
+    """A coordinate check's rows: one Parametrization per kind × α (μP only; the label
+    carries α when several are given), each with the ``common`` fields."""
+    params: dict[str, Parametrization] = {}
+    for kind in kinds:
+        for alpha in depth_alphas if kind == "mup" else (0.0,):
+            label = kind if len(depth_alphas) == 1 or kind == "sp" else f"{kind} α={alpha:g}"
+            params[label] = Parametrization(kind=kind, depth_alpha=alpha, **common)
+    return params

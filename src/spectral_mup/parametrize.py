@@ -10,7 +10,7 @@ import dataclasses
 import fnmatch
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -27,7 +27,6 @@ from .roles import (
     module_layout,
 )
 
-_POSITIVE = ("lr_input", "lr_output", "lr_vector", "readout_scale", "attention_mult")
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.RMSNorm)
 
 
@@ -82,13 +81,14 @@ class Parametrization:
     attention: Literal["mup", "inverse", "sp"] = "mup"
     zero_init_readout: bool = False
     zero_init_query: bool = False
-    lr_input: float = 1.0
-    lr_output: float = 1.0
-    lr_vector: float = 1.0
-    readout_scale: float = 1.0
-    init_input: float = 1.0
-    init_output: float = 1.0
-    attention_mult: float = 1.0
+    # the transferable base-model multipliers (HP_MULTIPLIERS): "lr", "forward" or "init"
+    lr_input: float = field(default=1.0, metadata={"hp": "lr"})
+    lr_output: float = field(default=1.0, metadata={"hp": "lr"})
+    lr_vector: float = field(default=1.0, metadata={"hp": "lr"})
+    readout_scale: float = field(default=1.0, metadata={"hp": "forward"})
+    init_input: float = field(default=1.0, metadata={"hp": "init"})
+    init_output: float = field(default=1.0, metadata={"hp": "init"})
+    attention_mult: float = field(default=1.0, metadata={"hp": "forward"})
 
     def __post_init__(self) -> None:
         _one_of("kind", self.kind, ("sp", "mup"))
@@ -102,7 +102,7 @@ class Parametrization:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if float(self.depth_alpha) not in rules.DEPTH_ALPHAS:
             raise ConfigError(f"depth_alpha must be one of 0, 0.5, 1, got {self.depth_alpha!r}")
-        for name in ("init_std", "init_input", "init_output"):
+        for name in ("init_std", *HP_MULTIPLIERS["init"]):
             value = getattr(self, name)
             if (
                 isinstance(value, bool)
@@ -110,7 +110,7 @@ class Parametrization:
                 or not (math.isfinite(value) and value >= 0)
             ):
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
-        for name in _POSITIVE:
+        for name in (*HP_MULTIPLIERS["lr"], *HP_MULTIPLIERS["forward"]):
             value = getattr(self, name)
             if (
                 isinstance(value, bool)
@@ -193,6 +193,17 @@ class Parametrization:
             readout=self.readout,
             eps=eps,
         )
+
+
+# The transferable base-model multipliers by kind, read from Parametrization's field metadata
+# (the one list): "lr" per-role LR, "forward" forward-pass constants, "init" init stds.
+HP_MULTIPLIERS: dict[str, tuple[str, ...]] = {
+    kind: tuple(f.name for f in dataclasses.fields(Parametrization) if f.metadata.get("hp") == kind)
+    for kind in ("lr", "forward", "init")
+}
+ALL_HP_MULTIPLIERS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(Parametrization) if "hp" in f.metadata
+)
 
 
 def _one_of(name: str, value: Any, allowed: tuple) -> None:

@@ -113,7 +113,7 @@ def check_rotary(cfg: DecoderConfig) -> None:
 
 
 class PerRun:
-    """A multiplier with one value per run of a stack (``batched.stack``, where activations
+    """A multiplier with one value per run of a stack (``train.stack.stack``, where activations
     carry the K runs in their first dimension, run-major): runs that differ in a forward
     multiplier (``param.readout_scale``, ``param.attention_mult``) still share a stack."""
 

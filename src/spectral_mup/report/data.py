@@ -208,7 +208,7 @@ def _identity(row: dict[str, Any]) -> dict[str, Any]:
     """A stored run's config as ``{"section.key": value}``, only the keys that identify it
     (``train.fingerprint``): rows stored before a config key existed compare equal to rows
     that hold it at the value that trains them the same (``LATER_KEYS``, unset options)."""
-    from ..train import fingerprint
+    from ..config import fingerprint
 
     config = row.get("config")
     sections = isinstance(config, dict) and all(isinstance(v, dict) for v in config.values())
@@ -220,7 +220,7 @@ def hp_keys(rows: Sequence[dict[str, Any]], flats: Sequence[dict[str, Any]]) -> 
     value differs between two runs of the same width and depth (a key that follows the
     width, such as a derived hidden size, is not one; runtime keys never are). ``flats``:
     the rows' ``_identity``."""
-    from ..train import RUNTIME_KEYS
+    from ..config import RUNTIME_KEYS
 
     fixed = {"optim.lr", "train.seed", *(f"train.{k}" for k in RUNTIME_KEYS)}
     keys = {k for flat in flats for k in flat} - fixed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,7 +15,7 @@ from ..errors import ConfigError, SmupError
 from ..report.data import hp_text
 from ..store import RESULTS, RunStore
 from ..train import CHECKPOINT, WEIGHTS
-from .executors import _check_reachable, available_cores, import_ray, run_local, run_ray
+from .executors import available_cores, check_reachable, import_ray, run_local, run_ray
 from .spec import EXECUTORS, Run, SweepSpec
 from .stacks import plan
 
@@ -104,18 +105,7 @@ def run_sweep(
     (a retry's row replaces the failed one). ``executor``, ``workers``, ``address`` and
     ``batch_runs`` (runs of one shape stacked per task, ``sweep.stacks``; 0 = auto, 1 =
     one run per task) override the spec's."""
-    executor = executor or spec.executor
-    if executor not in EXECUTORS:
-        raise ConfigError(f"unknown executor {executor!r}; use local or ray")
-    workers = spec.workers if workers is None else workers
-    if workers < 0:
-        raise ConfigError(f"--workers must be >= 0 (0 = auto), got {workers}")
-    address = address or spec.address
-    batch_runs = spec.batch_runs if batch_runs is None else batch_runs
-    if batch_runs < 0:
-        raise ConfigError(f"--batch-runs must be >= 0 (0 = auto, 1 = one run), got {batch_runs}")
-    if executor == "ray" and not import_ray().is_initialized():
-        _check_reachable(address)  # before the store is created
+    how = _Execution.of(spec, executor, workers, address, batch_runs)
     start = time.perf_counter()
     with RunStore(spec.store) as store:
         stored = store.statuses()
@@ -140,37 +130,73 @@ def run_sweep(
                 dynamic_ncols=True,
                 file=sys.stderr,
             )
-
-            def on_result(run: Run, result: dict[str, Any] | None) -> None:
-                if result is None:
-                    summary.lost += 1
-                else:
-                    store.add(row_for(spec.name, run, result))
-                    summary.counts[result["status"]] += 1
-                    if not spec.keep_weights and result["status"] != "failed":
-                        for name in _WEIGHT_FILES:  # stored: this run never trains again
-                            (Path(run.config.train.out_dir) / name).unlink(missing_ok=True)
-                bar.update(1)
-                bar.set_postfix({k: v for k, v in summary.counts.items() if v}, refresh=False)
-
             try:
-                if executor == "ray":
-                    tasks = plan(todo, batch_runs, workers or 1)
-                    run_ray(
-                        tasks,
-                        workers,
-                        on_result,
-                        address=address,
-                        cpus_per_run=spec.cpus_per_run,
-                    )
-                else:
-                    n = min(workers or available_cores(), len(todo))
-                    tasks = plan(todo, batch_runs, n)
-                    run_local(tasks, min(n, len(tasks)), on_result)
+                how.execute(todo, _Recorder(spec, store, summary, bar))
             finally:
                 bar.close()
     summary.wall_time = time.perf_counter() - start
     return summary
+
+
+@dataclass(frozen=True)
+class _Execution:
+    """Where and how a sweep's runs execute (the spec's settings, or their overrides)."""
+
+    spec: SweepSpec
+    executor: str
+    workers: int
+    address: str | None
+    batch_runs: int
+
+    @classmethod
+    def of(cls, spec, executor, workers, address, batch_runs) -> _Execution:
+        """The settings, checked (a Ray address is checked before the store is created)."""
+        executor = executor or spec.executor
+        if executor not in EXECUTORS:
+            raise ConfigError(f"unknown executor {executor!r}; use local or ray")
+        workers = spec.workers if workers is None else workers
+        if workers < 0:
+            raise ConfigError(f"--workers must be >= 0 (0 = auto), got {workers}")
+        address = address or spec.address
+        batch_runs = spec.batch_runs if batch_runs is None else batch_runs
+        if batch_runs < 0:
+            raise ConfigError(
+                f"--batch-runs must be >= 0 (0 = auto, 1 = one run), got {batch_runs}"
+            )
+        if executor == "ray" and not import_ray().is_initialized():
+            check_reachable(address)
+        return cls(spec, executor, workers, address, batch_runs)
+
+    def execute(self, todo: list[Run], on_result: Callable[[Run, Any], None]) -> None:
+        if self.executor == "ray":
+            tasks = plan(todo, self.batch_runs, self.workers or 1)
+            run_ray(tasks, self.workers, on_result, address=self.address,
+                    cpus_per_run=self.spec.cpus_per_run)  # fmt: skip
+        else:
+            n = min(self.workers or available_cores(), len(todo))
+            tasks = plan(todo, self.batch_runs, n)
+            run_local(tasks, min(n, len(tasks)), on_result)
+
+
+class _Recorder:
+    """Stores each finished run's row as it arrives (and drops its weights unless the
+    spec keeps them), counts it in the summary and advances the progress bar."""
+
+    def __init__(self, spec: SweepSpec, store: RunStore, summary: SweepSummary, bar: Any):
+        self.spec, self.store, self.summary, self.bar = spec, store, summary, bar
+
+    def __call__(self, run: Run, result: dict[str, Any] | None) -> None:
+        summary = self.summary
+        if result is None:
+            summary.lost += 1
+        else:
+            self.store.add(row_for(self.spec.name, run, result))
+            summary.counts[result["status"]] += 1
+            if not self.spec.keep_weights and result["status"] != "failed":
+                for name in _WEIGHT_FILES:  # stored: this run never trains again
+                    (Path(run.config.train.out_dir) / name).unlink(missing_ok=True)
+        self.bar.update(1)
+        self.bar.set_postfix({k: v for k, v in summary.counts.items() if v}, refresh=False)
 
 
 def describe(run: Run) -> str:

@@ -19,7 +19,6 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from .. import train
-from ..batched import train_stacked
 from ..config import RunConfig
 from ..errors import ConfigError, SmupError
 from .spec import Run
@@ -64,7 +63,7 @@ def execute_task(cfgs: list[RunConfig]) -> list[dict[str, Any]]:
     if len(cfgs) == 1:
         return [execute(cfgs[0])]
     try:
-        results = train_stacked(cfgs, checkpoint=stack_checkpoint(cfgs))
+        results = train.train_stacked(cfgs, checkpoint=stack_checkpoint(cfgs))
     except Exception:  # NotBatchable, or one run's error: each run alone says which
         return [execute(cfg) for cfg in cfgs]
     return [{k: r.get(k) for k in KEEP} for r in results]
@@ -166,7 +165,7 @@ def import_ray() -> Any:
     return ray
 
 
-def _check_reachable(address: str | None) -> None:
+def check_reachable(address: str | None) -> None:
     """Fail fast on a cluster address nothing listens at (Ray itself retries for minutes)."""
     if not address or address in ("auto", "local"):
         return
@@ -195,7 +194,7 @@ def run_ray(
     ray = import_ray()
     started = False
     if not ray.is_initialized():
-        _check_reachable(address)
+        check_reachable(address)
         kwargs: dict[str, Any] = {
             "address": address,
             "logging_level": logging.WARNING,

@@ -18,15 +18,24 @@ from pathlib import Path
 from typing import Any
 
 from .. import train
-from ..config import RunConfig, _resolve_key, build_config, load_config, retarget_model, tomllib
+from ..config import RUNTIME_KEYS as RUNTIME_KEYS_OF_TRAIN
+from ..config import (
+    RunConfig,
+    build_config,
+    fingerprint,
+    load_config,
+    resolve_key,
+    retarget_model,
+    tomllib,
+)
 from ..errors import ConfigError
 from ..optim import optimizer_key, resolve_rule
 from ..report.data import paired_argmin
 
 EXECUTORS = ("local", "ray")
 # keys that change how a run executes, not what it computes: not part of its id, and free
-# to change between a run and its resume (train.RUNTIME_KEYS, one list for both)
-RUNTIME_KEYS = {("train", key) for key in train.RUNTIME_KEYS}
+# to change between a run and its resume (config.RUNTIME_KEYS, one list for both)
+RUNTIME_KEYS = {("train", key) for key in RUNTIME_KEYS_OF_TRAIN}
 # grid key -> RunConfig key, in the order the grid is expanded
 GRID_KEYS: dict[str, tuple[str, str]] = {
     "optimizer": ("optim", "name"),
@@ -97,11 +106,10 @@ class SweepSpec:
 
 
 def canonical_config(cfg: RunConfig) -> dict[str, dict[str, Any]]:
-    """The config a run id hashes: :func:`spectral_mup.train.fingerprint` (every key but the
+    """The config a run id hashes: :func:`spectral_mup.config.fingerprint` (every key but the
     runtime-only ones, :data:`RUNTIME_KEYS`), sorted."""
     return {
-        section: dict(sorted(items.items()))
-        for section, items in sorted(train.fingerprint(cfg).items())
+        section: dict(sorted(items.items())) for section, items in sorted(fingerprint(cfg).items())
     }
 
 
@@ -168,30 +176,10 @@ def load_spec(path: str | Path) -> SweepSpec:
     combos = itertools.product(*(grid[k] for k in names))
     for combo, (trial, sample) in itertools.product(combos, enumerate(trials)):
         point = dict(zip(names, combo, strict=True)) | sample
-        run_values = {s: dict(items) for s, items in values.items()}
-        for key, value in point.items():
-            section, option = config_key(key)
-            run_values[section][option] = value
+        settings = dict(point)
         if sample:
             point["trial"] = trial
-        if run_values["param"]["kind"] == "sp":
-            run_values["param"]["depth_alpha"] = 0.0  # α is a μP rule; SP runs are not repeated
-            point.pop("depth_alpha", None)
-        run_values["model"] = retarget_model(run_values["model"], base_cfg.model.arch)
-        run_values["train"].update(out_dir="", progress=False, resume=True)
-        if isinstance(run_values["optim"]["name"], str):  # one id for "AdamW" and "adamw"
-            run_values["optim"]["name"] = optimizer_key(run_values["optim"]["name"])
-        try:
-            cfg = build_config(run_values)
-        except ConfigError as exc:
-            where = ", ".join(f"{k}={v!r}" for k, v in point.items())
-            raise ConfigError(f"{path}: run {{{where}}}: {exc}") from None
-        if budget.get("tokens") is not None:
-            per_step = cfg.train.batch_size * cfg.model.block_size
-            iters = max(1, math.ceil(budget["tokens"] / per_step))
-            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_iters=iters))
-        if "." in cfg.optim.name:  # an imported optimizer: its probed rule must exist now
-            resolve_rule(cfg.optim.name, **train.run_optimizer_options(cfg))
+        cfg = _run_config(values, settings, point, base_cfg.model.arch, budget, path)
         rid = run_id(cfg)
         if rid not in runs:
             section = dataclasses.replace(cfg.train, out_dir=str(out_dir / rid))
@@ -209,6 +197,43 @@ def load_spec(path: str | Path) -> SweepSpec:
         keep_weights=keep_weights,
         batch_runs=batch_runs,
     )
+
+
+def _run_config(
+    values: dict[str, dict[str, Any]],
+    settings: dict[str, Any],
+    point: dict[str, Any],
+    base_arch: str,
+    budget: dict[str, Any],
+    path: Path,
+) -> RunConfig:
+    """The config of the run at grid ``point`` (its config keys ``settings``, and the
+    search trial; an SP run's ``depth_alpha`` is dropped from it: α is a μP rule) over the
+    base ``values``, its token ``budget`` applied and an imported optimizer's probed rule
+    checked."""
+    run_values = {s: dict(items) for s, items in values.items()}
+    for key, value in settings.items():
+        section, option = config_key(key)
+        run_values[section][option] = value
+    if run_values["param"]["kind"] == "sp":
+        run_values["param"]["depth_alpha"] = 0.0  # α is a μP rule; SP runs are not repeated
+        point.pop("depth_alpha", None)
+    run_values["model"] = retarget_model(run_values["model"], base_arch)
+    run_values["train"].update(out_dir="", progress=False, resume=True)
+    if isinstance(run_values["optim"]["name"], str):  # one id for "AdamW" and "adamw"
+        run_values["optim"]["name"] = optimizer_key(run_values["optim"]["name"])
+    try:
+        cfg = build_config(run_values)
+    except ConfigError as exc:
+        where = ", ".join(f"{k}={v!r}" for k, v in point.items())
+        raise ConfigError(f"{path}: run {{{where}}}: {exc}") from None
+    if budget.get("tokens") is not None:
+        per_step = cfg.train.batch_size * cfg.model.block_size
+        iters = max(1, math.ceil(budget["tokens"] / per_step))
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_iters=iters))
+    if "." in cfg.optim.name:  # an imported optimizer: its probed rule must exist now
+        resolve_rule(cfg.optim.name, **train.run_optimizer_options(cfg))
+    return cfg
 
 
 def restrict(spec: SweepSpec, only: Iterable[str]) -> SweepSpec:
@@ -297,7 +322,7 @@ def _count(table: dict[str, Any], key: str, path: Path) -> int:
 def config_key(key: str) -> tuple[str, str]:
     """The RunConfig (section, key) a grid or search key sets: a short grid key
     (:data:`GRID_KEYS`) or any dotted config key (``"param.lr_input"``)."""
-    return GRID_KEYS[key] if key in GRID_KEYS else _resolve_key(key)
+    return GRID_KEYS[key] if key in GRID_KEYS else resolve_key(key)
 
 
 def _sweepable(key: str, path: Path, table: str) -> str:
@@ -310,7 +335,7 @@ def _sweepable(key: str, path: Path, table: str) -> str:
             f'({", ".join(GRID_KEYS)}) or a quoted dotted config key, e.g. "param.lr_input"'
         )
     try:
-        section, name = _resolve_key(key)
+        section, name = resolve_key(key)
     except ConfigError as exc:
         raise ConfigError(f"{path}: [{table}] {exc}") from None
     short = {v: k for k, v in GRID_KEYS.items()}.get((section, name))
@@ -461,7 +486,7 @@ def _apply_overrides(
     done = set()
     for key, value in _flatten(table):
         try:
-            section, name = _resolve_key(key)
+            section, name = resolve_key(key)
         except ConfigError as exc:
             raise ConfigError(f"{path}: [overrides]: {exc}") from None
         if (section, name) in _SET_BY_SWEEP:

@@ -1,11 +1,11 @@
-"""Stacked execution: runs of one shape train K at a time as one stack (``batched``).
+"""Stacked execution: runs of one shape train K at a time as one stack (``train.stacked``).
 
 ``plan(runs, batch_runs, workers)`` groups the runs to train into tasks: runs whose configs
 agree outside their optimizer options, seed and per-role LR/init multipliers
-(``batched.stack_key``) and that can stack (``batched.check_stackable``: no dropout,
+(``train.stacked.stack_key``) and that can stack (``train.stacked.check_stackable``: no dropout,
 gradient accumulation or compile) share a task of at most K runs; every other run is a task
 of its own. An executor trains a task with ``executors.execute_task``: one run through
-``train.run``, several through ``batched.train_stacked`` (any optimizer: the LR-linear ones
+``train.run``, several through ``train.stacked.train_stacked`` (any optimizer: the LR-linear ones
 step the stacked tensors together, the rest each run's own optimizer), falling back to one
 run at a time if the stack cannot be built. A stack checkpoints itself (``OUT/stacks/<hash
 of its runs>.pt``) at every eval, so a killed sweep's stack resumes where it was, bit for
@@ -27,9 +27,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..batched import NotBatchable, check_stackable, stack_key
 from ..config import RunConfig
 from ..train import CHECKPOINT, flops_per_token
+from ..train.stack import NotBatchable
+from ..train.stacked import check_stackable, stack_key
 from .spec import Run
 
 CPU_STACK_FLOPS = 3e8  # training FLOPs per step below which a CPU run stacks (auto)
