@@ -1,17 +1,5 @@
-"""``smup transfer``: tune a small proxy, train the big target with its hyperparameters.
-
-1. Sweep the proxy: the runs of a sweep spec at the proxy size (its only width and depth,
-   or ``--proxy-width``/``--proxy-depth`` when the spec sweeps several).
-2. Pick the proxy's best LR per (optimizer, parametrization, α, weight decay): the argmin of
-   the seed-mean best val loss, with the report's rules (an LR where a seed diverged is never
-   best).
-3. Train the target width/depth at that LR under μP, one run per seed of the spec — and,
-   with ``sp=True``, SP at the proxy's SP optimum (what a practitioner without μP would do).
-4. Print the comparison and write ``transfer_<W>x<D>.json`` next to the store.
-
-Every run goes through the sweep driver, so it lands in the same store (target runs under
-the sweep name ``<name>-transfer``), is resumable, and is skipped when already stored.
-"""
+"""``smup transfer --tune``: every swept HP tuned on the proxy under μP, SP tuned at the
+target, each side's tuning compute counted, the sides paired by seed."""
 
 from __future__ import annotations
 
@@ -22,233 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig
-from .errors import ConfigError
-from .fileio import write_json
-from .report import build_studies
-from .report.data import flat_config, hp_text
-from .store import RunStore
-from .sweep import Run, SweepSpec, load_spec, run_id, run_sweep
-
-
-class _AtTarget:
-    """What the target runs of a transferred setting show (``target_losses``, per seed)."""
-
-    target_losses: list[float | None]
-
-    @property
-    def target_loss(self) -> float:
-        """Seed-mean best val loss at the target; inf when any seed diverged or failed."""
-        if not self.target_losses or any(v is None for v in self.target_losses):
-            return math.inf
-        return statistics.fmean(v for v in self.target_losses if v is not None)
-
-    def to_json(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)  # type: ignore[call-overload]
-        out["target_loss"] = self.target_loss if math.isfinite(self.target_loss) else None
-        return out
-
-
-@dataclass(frozen=True)
-class Arm(_AtTarget):
-    """One transferred setting: the proxy's optimum and the target's result with it."""
-
-    optimizer: str
-    param: str
-    depth_alpha: float
-    weight_decay: float
-    lr: float
-    proxy_loss: float
-    proxy_std: float
-    target_losses: list[float | None]  # per seed; None where the run diverged or failed
-    target_status: list[str]
-    arch: str = "gpt"  # the bundled model (model.arch)
-
-
-@dataclass(frozen=True)
-class TransferResult:
-    arms: list[Arm]
-    proxy: tuple[int, int]  # (width, depth)
-    target: tuple[int, int]
-    path: Path  # the JSON written
-
-    def lines(self) -> list[str]:
-        return comparison_lines(self.arms, self.proxy, self.target)
-
-
-def _proxy_runs(spec: SweepSpec, width: int | None, depth: int | None) -> list[Run]:
-    widths = sorted({r.config.model.width for r in spec.runs})
-    depths = sorted({r.config.model.depth for r in spec.runs})
-    for name, given, sizes in (("width", width, widths), ("depth", depth, depths)):
-        if given is None and len(sizes) > 1:
-            raise ConfigError(
-                f"{spec.path} sweeps {name}s {sizes}; pass --proxy-{name} to pick the proxy"
-            )
-        if given is not None and given not in sizes:
-            raise ConfigError(f"--proxy-{name} {given} is not in the spec's {name}s {sizes}")
-    width = widths[0] if width is None else width
-    depth = depths[0] if depth is None else depth
-    return [r for r in spec.runs if (r.config.model.width, r.config.model.depth) == (width, depth)]
-
-
-def _placed(spec: SweepSpec, cfg: RunConfig, point: dict[str, Any]) -> Run:
-    """``cfg`` as a run of ``spec``: its own id and run dir under the spec's out_dir."""
-    rid = run_id(cfg)
-    cfg = dataclasses.replace(
-        cfg, train=dataclasses.replace(cfg.train, out_dir=str(spec.out_dir / rid))
-    )
-    return Run(rid, cfg, point)
-
-
-def _target_run(spec: SweepSpec, proxy: Run, width: int, depth: int) -> Run:
-    cfg = dataclasses.replace(proxy.config, model=proxy.config.model.resized(width, depth))
-    return _placed(spec, cfg, {**proxy.point, "width": width, "depth": depth})
-
-
-def _prepare(
-    spec_path: str | Path,
-    target_width: int,
-    target_depth: int | None,
-    proxy_width: int | None,
-    proxy_depth: int | None,
-    sp: bool,
-) -> tuple[SweepSpec, list[Run], int]:
-    """The spec, its proxy runs and the target depth, every input checked and every target
-    config built (so validated) before anything trains."""
-    spec = load_spec(spec_path)
-    proxies = _proxy_runs(spec, proxy_width, proxy_depth)
-    depth = proxies[0].config.model.depth if target_depth is None else target_depth
-    if target_width <= 0 or depth <= 0:
-        raise ConfigError("--target-width and --target-depth must be positive integers")
-    kinds = {r.config.param.kind for r in proxies}
-    if "mup" not in kinds:
-        raise ConfigError(f"{spec.path} has no μP runs (grid param); add param = ['mup']")
-    if sp and "sp" not in kinds:
-        raise ConfigError(f"--sp needs SP runs in {spec.path}; add 'sp' to the grid's param")
-    for proxy in proxies:
-        _target_run(spec, proxy, target_width, depth)
-    return spec, proxies, depth
-
-
-def run_transfer(
-    spec_path: str | Path,
-    target_width: int,
-    target_depth: int | None = None,
-    *,
-    proxy_width: int | None = None,
-    proxy_depth: int | None = None,
-    sp: bool = False,
-    executor: str | None = None,
-    workers: int | None = None,
-    address: str | None = None,
-    progress: bool = True,
-) -> TransferResult:
-    """Steps 1–4 of the module docstring."""
-    spec, proxies, target_depth = _prepare(
-        spec_path, target_width, target_depth, proxy_width, proxy_depth, sp
-    )
-    p_width, p_depth = proxies[0].config.model.width, proxies[0].config.model.depth
-
-    run_sweep(dataclasses.replace(spec, runs=proxies), executor=executor, workers=workers,
-              address=address, progress=progress)  # fmt: skip
-    with RunStore(spec.store, create=False) as store:
-        proxy_ids = {r.id for r in proxies}
-        rows = [row for row in store.rows() if row["id"] in proxy_ids]
-    chosen: list[tuple[Any, float, float, float, list[Run]]] = []
-    for study in build_studies(rows):
-        key = study.key
-        if key.param == "sp" and not sp:
-            continue
-        size = p_width if key.axis == "width" else p_depth
-        lr = study.best_lr(size)
-        if lr is None:
-            raise ConfigError(
-                f"every proxy LR of {key.optimizer} {key.param} diverged or failed; widen the "
-                "LR grid downwards"
-            )
-        cell = study.cell(lr, size)
-        seeds = [
-            r
-            for r in proxies
-            if r.config.optim.lr == lr
-            and r.config.param.kind == key.param
-            and r.config.optim.name == key.optimizer
-            and r.config.optim.weight_decay == key.weight_decay
-            and r.config.model.arch == key.arch
-            and (key.param == "sp" or r.config.param.depth_alpha == key.depth_alpha)
-        ]
-        targets = [_target_run(spec, r, target_width, target_depth) for r in seeds]
-        chosen.append((key, lr, cell.value, cell.std, targets))
-
-    target_spec = dataclasses.replace(
-        spec, name=f"{spec.name}-transfer", runs=[t for *_, ts in chosen for t in ts]
-    )
-    run_sweep(target_spec, executor=executor, workers=workers, address=address, progress=progress)
-    with RunStore(spec.store, create=False) as store:
-        by_id = {row["id"]: row for row in store.rows()}
-    arms = []
-    for key, lr, loss, std, targets in chosen:
-        done = [by_id.get(t.id) for t in targets]
-        arms.append(
-            Arm(
-                optimizer=key.optimizer,
-                param=key.param,
-                depth_alpha=float(key.depth_alpha or 0.0),
-                weight_decay=key.weight_decay,
-                lr=lr,
-                proxy_loss=loss,
-                proxy_std=std,
-                target_losses=[
-                    row["best_val_loss"] if row and row["status"] == "ok" else None for row in done
-                ],
-                target_status=[row["status"] if row else "lost" for row in done],
-                arch=key.arch,
-            )
-        )
-    out = spec.store.parent / f"transfer_{target_width}x{target_depth}.json"
-    write_json(
-        out,
-        {
-            "spec": str(spec.path),
-            "proxy": {"width": p_width, "depth": p_depth},
-            "target": {"width": target_width, "depth": target_depth},
-            "arms": [a.to_json() for a in arms],
-        },
-    )
-    return TransferResult(arms, (p_width, p_depth), (target_width, target_depth), out)
-
-
-def comparison_lines(arms: list[Arm], proxy: tuple[int, int], target: tuple[int, int]) -> list[str]:
-    """The printed comparison: one line per arm."""
-    archs = len({a.arch for a in arms}) > 1
-    lines = [
-        f"proxy width {proxy[0]} depth {proxy[1]} → target width {target[0]} depth {target[1]}",
-        ("| model " if archs else "")
-        + f"| {'optimizer':<9} | {'param':<6} | {'lr (proxy best)':>15} | {'proxy val':>14} "
-        f"| {'target val':>14} |",
-    ]
-    for a in arms:
-        label = "μP" if a.param == "mup" else "SP"
-        proxy_text = f"{a.proxy_loss:.4f}" + (
-            f" ± {a.proxy_std:.3f}" if math.isfinite(a.proxy_std) else ""
-        )
-        finite = [v for v in a.target_losses if v is not None]
-        if math.isfinite(a.target_loss):
-            spread = statistics.stdev(finite) if len(finite) > 1 else math.nan
-            target_text = f"{a.target_loss:.4f}" + (
-                f" ± {spread:.3f}" if math.isfinite(spread) else ""
-            )
-        else:
-            target_text = "/".join(a.target_status)
-        lines.append(
-            (f"| {a.arch:<5} " if archs else "")
-            + f"| {a.optimizer:<9} | {label:<6} | {a.lr:>15.3g} | {proxy_text:>14} "
-            f"| {target_text:>14} |"
-        )
-    return lines
-
-
-# ------------------------------------------------------------------ tuning every swept HP
+from ..errors import ConfigError
+from ..fileio import write_json
+from ..report.data import flat_config, hp_text
+from ..store import RunStore
+from ..sweep import Run, SweepSpec, load_spec, run_id, run_sweep
+from .runs import _AtTarget, _placed, _prepare, _target_run
 
 
 @dataclass(frozen=True)
@@ -414,7 +181,7 @@ def run_tuned_transfer(
     target on that many fresh seeds, after every seed the tuning used — SP's loss is then
     free of the selection bias of its own tuning seeds, and the sides pair by seed
     (``paired_gaps``)."""
-    from .train import flops_per_token
+    from ..train import flops_per_token
 
     if rerank < 0 or rerank_seeds < 1 or eval_seeds < 0 or refine_lr < 0:
         raise ConfigError(
