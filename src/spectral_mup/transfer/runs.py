@@ -1,18 +1,20 @@
 """Proxy and target runs: which runs of a spec are the proxy, and each one's run at the target
-size, placed in the spec's store and run dirs like any run of a sweep; and what a transferred
-setting shows at the target (``_AtTarget``)."""
+size, placed in the spec's store and run dirs like any run of a sweep; how they train
+(``Sweeper``); and what a transferred setting shows at the target (``_AtTarget``)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import RunConfig
 from ..errors import ConfigError
-from ..sweep import Run, SweepSpec, load_spec, run_id
+from ..store import RunStore
+from ..sweep import Run, SweepSpec, load_spec, run_id, run_sweep
 
 
 class _AtTarget:
@@ -85,3 +87,23 @@ def _prepare(
     for proxy in proxies:
         _target_run(spec, proxy, target_width, depth)
     return spec, proxies, depth
+
+
+@dataclass(frozen=True)
+class Sweeper:
+    """Trains runs through the sweep driver, with the CLI's executor settings, and reads
+    their rows back from the store."""
+
+    executor: str | None
+    workers: int | None
+    address: str | None
+    progress: bool
+
+    def sweep(self, runs: list[Run], name: str, where: SweepSpec) -> dict[str, dict[str, Any]]:
+        """``runs`` trained as the sweep ``name`` of ``where`` (stored ones are skipped): the
+        store row of each, by run id."""
+        run_sweep(dataclasses.replace(where, name=name, runs=runs), executor=self.executor,
+                  workers=self.workers, address=self.address, progress=self.progress)  # fmt: skip
+        with RunStore(where.store, create=False) as store:
+            ids = {r.id for r in runs}
+            return {row["id"]: row for row in store.rows() if row["id"] in ids}

@@ -13,9 +13,9 @@ from typing import Any
 from ..errors import ConfigError
 from ..fileio import write_json
 from ..report.data import flat_config, hp_text
-from ..store import RunStore
-from ..sweep import Run, SweepSpec, load_spec, run_id, run_sweep
-from .runs import _AtTarget, _placed, _prepare, _target_run
+from ..sweep import Run, SweepSpec, load_spec
+from .runs import Sweeper, _AtTarget, _prepare, _target_run
+from .tuning import Cost, Outcome, Rows, Side, Tuner, split
 
 
 @dataclass(frozen=True)
@@ -74,47 +74,6 @@ class TunedResult:
                 f"{g['mean'] / g['se'] if g['se'] > 0 else math.inf:+.1f} SE)"
             )
         return lines
-
-
-def _candidate(run: Run) -> str:
-    """Runs that differ only in their seed are one candidate configuration."""
-    cfg = run.config
-    return run_id(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=0)))
-
-
-def _side(run: Run) -> tuple[str, str, str, float]:
-    c = run.config
-    alpha = float(c.param.depth_alpha) if c.param.kind == "mup" else 0.0
-    return c.model.arch, c.optim.name, c.param.kind, alpha
-
-
-def _means(runs: list[Run], rows: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Seed-mean best val loss per candidate; inf for one with a diverged, failed or missing
-    seed (never best)."""
-    by: dict[str, list[float]] = {}
-    for r in runs:
-        row = rows.get(r.id)
-        ok = row is not None and row["status"] == "ok" and row["best_val_loss"] is not None
-        by.setdefault(_candidate(r), []).append(float(row["best_val_loss"]) if ok else math.inf)
-    return {c: statistics.fmean(v) if all(map(math.isfinite, v)) else math.inf
-            for c, v in by.items()}  # fmt: skip
-
-
-def _ranked(runs: list[Run], rows: dict[str, dict[str, Any]]) -> list[tuple[str, float]]:
-    """(candidate, seed-mean) from best to worst, ties by candidate id."""
-    means = _means(runs, rows)
-    return sorted(means.items(), key=lambda cm: (cm[1], cm[0]))
-
-
-def _variant(spec: SweepSpec, run: Run, *, seed: int | None = None, lr: float | None = None) -> Run:
-    """The same configuration with another seed and/or LR (its own id and run dir)."""
-    cfg = run.config
-    train = cfg.train if seed is None else dataclasses.replace(cfg.train, seed=seed)
-    optim = cfg.optim if lr is None else dataclasses.replace(cfg.optim, lr=lr)
-    point = {**run.point, **({} if seed is None else {"seed": seed})}
-    if lr is not None:
-        point["optim.lr" if "optim.lr" in point else "lr"] = lr
-    return _placed(spec, dataclasses.replace(cfg, train=train, optim=optim), point)
 
 
 def paired_gaps(sides: list[Tuned]) -> list[dict[str, Any]]:
@@ -181,8 +140,6 @@ def run_tuned_transfer(
     target on that many fresh seeds, after every seed the tuning used — SP's loss is then
     free of the selection bias of its own tuning seeds, and the sides pair by seed
     (``paired_gaps``)."""
-    from ..train import flops_per_token
-
     if rerank < 0 or rerank_seeds < 1 or eval_seeds < 0 or refine_lr < 0:
         raise ConfigError(
             "--rerank, --refine-lr and --eval-seeds take counts ≥ 0, --rerank-seeds ≥ 1"
@@ -191,122 +148,17 @@ def run_tuned_transfer(
         spec_path, target_width, target_depth, proxy_width, proxy_depth, sp and sp_spec is None
     )
     p_width, p_depth = proxies[0].config.model.width, proxies[0].config.model.depth
+    target = (target_width, target_depth)
     mup = [r for r in proxies if r.config.param.kind == "mup"]
-    sp_from = spec if sp_spec is None else load_spec(sp_spec)
-    if sp_spec is not None:
-        if not sp:
-            raise ConfigError("--sp-spec names SP's candidates; pass --sp with it")
-        sizes = {(r.config.model.width, r.config.model.depth) for r in sp_from.runs}
-        if len(sizes) > 1:
-            raise ConfigError(f"{sp_from.path} sweeps several sizes {sorted(sizes)}; keep one")
-    sp_pool = proxies if sp_spec is None else sp_from.runs
-    sp_targets = [_target_run(sp_from, r, target_width, target_depth)
-                  for r in sp_pool if r.config.param.kind == "sp"] if sp else []  # fmt: skip
-    if sp and not sp_targets:
-        raise ConfigError(f"{sp_from.path} has no SP runs (grid param); add param = ['sp']")
+    sp_from, sp_targets = _sp_candidates(spec, proxies, target, sp=sp, sp_spec=sp_spec)
     # extra seeds come after every seed either side's spec uses: reranking, then evaluation
     last = max(r.config.train.seed for r in [*mup, *sp_targets])
     more = list(range(last + 1, last + 1 + rerank_seeds)) if rerank else []
     fresh = list(range(last + 1 + len(more), last + 1 + len(more) + eval_seeds))
-
-    def sweep(runs: list[Run], name: str, where: SweepSpec = spec) -> dict[str, dict[str, Any]]:
-        run_sweep(dataclasses.replace(where, name=name, runs=runs), executor=executor,
-                  workers=workers, address=address, progress=progress)  # fmt: skip
-        with RunStore(where.store, create=False) as store:
-            ids = {r.id for r in runs}
-            return {row["id"]: row for row in store.rows() if row["id"] in ids}
-
-    def cost(runs: list[Run], rows: dict[str, dict[str, Any]]) -> tuple[float, float]:
-        flops = seconds = 0.0
-        for r in runs:
-            row = rows.get(r.id) or {}
-            flops += (row.get("tokens") or 0) * flops_per_token(r.config)
-            seconds += row.get("wall_time") or 0.0
-        return flops, seconds
-
-    def tune(
-        groups: dict[tuple, list[Run]], rows: dict[str, dict[str, Any]], where: SweepSpec, name: str
-    ) -> dict[tuple, tuple[list[Run], Run, float, int, dict[str, Any]]]:
-        """Per side: (its tuning runs, rerank and LR refinement included, the winning run,
-        the winner's seed-mean, the number of candidates, the rows of every run so far)."""
-
-        def first(runs: list[Run], candidate: str) -> Run:
-            return next(r for r in runs if _candidate(r) == candidate)
-
-        def winner(side: tuple, pool: list[Run]) -> tuple[Run, float]:
-            best, loss = _ranked(pool, rows)[0]
-            if not math.isfinite(loss):
-                raise ConfigError(
-                    f"every candidate of {side[1]} {'μP' if side[2] == 'mup' else 'SP'} "
-                    "diverged or failed"
-                )
-            return first(pool, best), loss
-
-        def train(extra: dict[tuple, list[Run]], suffix: str) -> None:
-            nonlocal rows
-            if any(extra.values()):
-                runs = [r for rs in extra.values() for r in rs]
-                rows = {**rows, **sweep(runs, f"{name}-{suffix}", where)}
-
-        extra = {side: [_variant(where, first(runs, c), seed=s)
-                        for c, loss in _ranked(runs, rows)[:rerank] if math.isfinite(loss)
-                        for s in more]
-                 for side, runs in groups.items()}  # fmt: skip
-        train(extra, "rerank")
-        pools = {}
-        for side, runs in groups.items():
-            reranked = {_candidate(r) for r in extra[side]}
-            pools[side] = [r for r in runs if not reranked or _candidate(r) in reranked]
-            pools[side] += extra[side]
-        # LR line search at the winner's other HPs, on every seed the winner has
-        steps = [k for k in range(-refine_lr, refine_lr + 1) if k]
-        bests = {side: winner(side, pool)[0] for side, pool in pools.items()}
-        kept = {side: [r for r in pools[side] if _candidate(r) == _candidate(best)]
-                for side, best in bests.items()}  # fmt: skip
-        lines = {side: [_variant(where, best, seed=r.config.train.seed,
-                                 lr=best.config.optim.lr * 2.0**k)
-                        for k in steps for r in kept[side]]
-                 for side, best in bests.items()}  # fmt: skip
-        train(lines, "lr")
-        out = {}
-        for side, runs in groups.items():
-            line = kept[side] + lines[side]
-            win, loss = winner(side, line)
-            every = [*runs, *extra[side], *lines[side]]
-            out[side] = (every, win, loss, len(_means(runs, rows)), rows)
-        return out
-
-    def split(runs: list[Run]) -> dict[tuple, list[Run]]:
-        groups: dict[tuple, list[Run]] = {}
-        for r in runs:
-            groups.setdefault(_side(r), []).append(r)
-        return groups
-
-    sides: list[Tuned] = []
-    tuned = tune(split(mup), sweep(mup, spec.name), spec, spec.name)
-    finals = {side: [_target_run(spec, r, target_width, target_depth) for r in
-                     ([_variant(spec, winner, seed=s) for s in fresh] if fresh else
-                      [r for r in runs if _candidate(r) == _candidate(winner)])]
-              for side, (runs, winner, *_) in tuned.items()}  # fmt: skip
-    target_rows = sweep([t for ts in finals.values() for t in ts], f"{spec.name}-transfer")
-    for side, (runs, winner, loss, n, rows) in tuned.items():
-        final = cost(finals[side], target_rows)
-        sides.append(_tuned(side, (p_width, p_depth), n, runs, winner, loss, finals[side],
-                            target_rows, cost(runs, rows), final))  # fmt: skip
+    tuner = Tuner(Sweeper(executor, workers, address, progress), rerank, more, refine_lr)
+    sides = _mup_sides(tuner, spec, mup, (p_width, p_depth), target, fresh)
     if sp:
-        name = f"{sp_from.name}-sp-at-target"
-        at_target = tune(split(sp_targets), sweep(sp_targets, name, sp_from), sp_from,
-                         f"{sp_from.name}-sp")  # fmt: skip
-        for side, (runs, winner, loss, n, rows) in at_target.items():
-            if fresh:
-                evals = [_variant(sp_from, winner, seed=s) for s in fresh]
-                eval_rows = sweep(evals, f"{sp_from.name}-sp-eval", sp_from)
-                final = cost(evals, eval_rows)
-            else:  # measured on its own tuning seeds
-                evals = [r for r in runs if _candidate(r) == _candidate(winner)]
-                eval_rows, final = rows, (0.0, 0.0)
-            sides.append(_tuned(side, (target_width, target_depth), n, runs, winner, loss,
-                                evals, eval_rows, cost(runs, rows), final))  # fmt: skip
+        sides += _sp_sides(tuner, sp_from, sp_targets, target, fresh)
     # one file per spec and protocol: two searches sharing a store keep their own results
     protocol = "".join(f"_{flag}{n}" for flag, n in (
         ("rerank", f"{rerank}x{rerank_seeds}" if rerank else 0), ("lr", refine_lr),
@@ -319,18 +171,102 @@ def run_tuned_transfer(
                      "eval_seeds": fresh,
                      "sides": [s.to_json() for s in sides],
                      "paired": paired_gaps(sides)})  # fmt: skip
-    return TunedResult(sides, (p_width, p_depth), (target_width, target_depth), out)
+    return TunedResult(sides, (p_width, p_depth), target, out)
 
 
-def _tuned(side, tuned_at, n, runs, winner, loss, targets, rows, tuning, final) -> Tuned:
-    flat = flat_config(winner.config.to_dict())
+def _sp_candidates(
+    spec: SweepSpec,
+    proxies: list[Run],
+    target: tuple[int, int],
+    *,
+    sp: bool,
+    sp_spec: str | Path | None,
+) -> tuple[SweepSpec, list[Run]]:
+    """The spec SP's candidates come from (``sp_spec``, or the proxies' own) and those
+    candidates resized to the target; none without ``sp``."""
+    sp_from = spec if sp_spec is None else load_spec(sp_spec)
+    if sp_spec is not None:
+        if not sp:
+            raise ConfigError("--sp-spec names SP's candidates; pass --sp with it")
+        sizes = {(r.config.model.width, r.config.model.depth) for r in sp_from.runs}
+        if len(sizes) > 1:
+            raise ConfigError(f"{sp_from.path} sweeps several sizes {sorted(sizes)}; keep one")
+    sp_pool = proxies if sp_spec is None else sp_from.runs
+    sp_targets = [_target_run(sp_from, r, *target)
+                  for r in sp_pool if r.config.param.kind == "sp"] if sp else []  # fmt: skip
+    if sp and not sp_targets:
+        raise ConfigError(f"{sp_from.path} has no SP runs (grid param); add param = ['sp']")
+    return sp_from, sp_targets
+
+
+def _mup_sides(
+    tuner: Tuner,
+    spec: SweepSpec,
+    mup: list[Run],
+    proxy: tuple[int, int],
+    target: tuple[int, int],
+    fresh: list[int],
+) -> list[Tuned]:
+    """μP tuned on the proxy, each side's winner trained at the target: on the ``fresh``
+    seeds, or with none on the seeds it was tuned on."""
+    sweeper = tuner.sweeper
+    tuned = tuner.tune(spec, spec.name, split(mup), sweeper.sweep(mup, spec.name, spec))
+    finals = {side: [_target_run(spec, r, *target) for r in outcome.measured(spec, fresh)]
+              for side, outcome in tuned.items()}  # fmt: skip
+    runs = [t for ts in finals.values() for t in ts]
+    target_rows = sweeper.sweep(runs, f"{spec.name}-transfer", spec)
+    return [_tuned(side, outcome, tuned_at=proxy, targets=finals[side], rows=target_rows,
+                   final=Cost.of(finals[side], target_rows))
+            for side, outcome in tuned.items()]  # fmt: skip
+
+
+def _sp_sides(
+    tuner: Tuner,
+    sp_from: SweepSpec,
+    sp_targets: list[Run],
+    target: tuple[int, int],
+    fresh: list[int],
+) -> list[Tuned]:
+    """SP tuned at the target, each side's winner measured there on the ``fresh`` seeds,
+    or with none on its own tuning seeds (no further runs)."""
+    sweeper = tuner.sweeper
+    name = f"{sp_from.name}-sp-at-target"
+    at_target = tuner.tune(sp_from, f"{sp_from.name}-sp", split(sp_targets),
+                           sweeper.sweep(sp_targets, name, sp_from))  # fmt: skip
+    sides = []
+    for side, outcome in at_target.items():
+        evals = outcome.measured(sp_from, fresh)
+        if fresh:
+            eval_rows = sweeper.sweep(evals, f"{sp_from.name}-sp-eval", sp_from)
+            final = Cost.of(evals, eval_rows)
+        else:  # measured on its own tuning seeds
+            eval_rows, final = outcome.rows, Cost()
+        sides.append(_tuned(side, outcome, tuned_at=target, targets=evals, rows=eval_rows,
+                            final=final))  # fmt: skip
+    return sides
+
+
+def _tuned(
+    side: Side,
+    outcome: Outcome,
+    *,
+    tuned_at: tuple[int, int],
+    targets: list[Run],
+    rows: Rows,
+    final: Cost,
+) -> Tuned:
+    """The report of ``side``: ``outcome`` found where it was tuned, ``targets`` measured
+    the winner (their rows in ``rows``, their compute ``final``)."""
+    flat = flat_config(outcome.winner.config.to_dict())
     done = [rows.get(t.id) for t in targets]
+    tuning = outcome.cost
     return Tuned(
-        optimizer=side[1], param=side[2], depth_alpha=side[3], tuned_at=tuned_at, trials=n,
-        hps={k: flat[k] for k in _swept(runs) if k in flat}, tuned_loss=loss,
+        optimizer=side.optimizer, param=side.param, depth_alpha=side.depth_alpha,
+        tuned_at=tuned_at, trials=outcome.trials,
+        hps={k: flat[k] for k in _swept(outcome.runs) if k in flat}, tuned_loss=outcome.loss,
         target_losses=[row["best_val_loss"] if row and row["status"] == "ok" else None
                        for row in done],
         target_seeds=[t.config.train.seed for t in targets],
-        tuning_flops=tuning[0], tuning_seconds=tuning[1], final_flops=final[0],
-        final_seconds=final[1], arch=side[0],
+        tuning_flops=tuning.flops, tuning_seconds=tuning.seconds, final_flops=final.flops,
+        final_seconds=final.seconds, arch=side.arch,
     )  # fmt: skip
