@@ -3,7 +3,6 @@ target (steps 1–4 of the package docstring)."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import statistics
 from dataclasses import dataclass
@@ -12,10 +11,9 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..fileio import write_json
-from ..report import build_studies
-from ..store import RunStore
-from ..sweep import Run, run_sweep
-from .runs import _AtTarget, _prepare, _target_run
+from ..report import Study, StudyKey, build_studies
+from ..sweep import Run, SweepSpec
+from .runs import Sweeper, _AtTarget, _prepare, _target_run
 
 
 @dataclass(frozen=True)
@@ -63,18 +61,52 @@ def run_transfer(
         spec_path, target_width, target_depth, proxy_width, proxy_depth, sp
     )
     p_width, p_depth = proxies[0].config.model.width, proxies[0].config.model.depth
+    target = (target_width, target_depth)
+    sweeper = Sweeper(executor, workers, address, progress)
+    rows = sweeper.sweep(proxies, spec.name, spec)
+    chosen = [
+        _Choice.of(study, p_width if study.key.axis == "width" else p_depth, spec, proxies, target)
+        for study in build_studies(list(rows.values()))
+        if study.key.param != "sp" or sp
+    ]
+    targets = [t for choice in chosen for t in choice.targets]
+    by_id = sweeper.sweep(targets, f"{spec.name}-transfer", spec)
+    arms = [choice.arm(by_id) for choice in chosen]
+    out = spec.store.parent / f"transfer_{target_width}x{target_depth}.json"
+    write_json(
+        out,
+        {
+            "spec": str(spec.path),
+            "proxy": {"width": p_width, "depth": p_depth},
+            "target": {"width": target_width, "depth": target_depth},
+            "arms": [a.to_json() for a in arms],
+        },
+    )
+    return TransferResult(arms, (p_width, p_depth), target, out)
 
-    run_sweep(dataclasses.replace(spec, runs=proxies), executor=executor, workers=workers,
-              address=address, progress=progress)  # fmt: skip
-    with RunStore(spec.store, create=False) as store:
-        proxy_ids = {r.id for r in proxies}
-        rows = [row for row in store.rows() if row["id"] in proxy_ids]
-    chosen: list[tuple[Any, float, float, float, list[Run]]] = []
-    for study in build_studies(rows):
+
+@dataclass(frozen=True)
+class _Choice:
+    """The proxy's best LR of one study (its seed-mean and spread there) and the target
+    runs that train it, one per seed."""
+
+    key: StudyKey
+    lr: float
+    proxy_loss: float
+    proxy_std: float
+    targets: list[Run]
+
+    @classmethod
+    def of(
+        cls,
+        study: Study,
+        size: int,
+        spec: SweepSpec,
+        proxies: list[Run],
+        target: tuple[int, int],
+    ) -> _Choice:
+        """``study``'s best LR at the proxy ``size``; an error when every LR diverged."""
         key = study.key
-        if key.param == "sp" and not sp:
-            continue
-        size = p_width if key.axis == "width" else p_depth
         lr = study.best_lr(size)
         if lr is None:
             raise ConfigError(
@@ -92,45 +124,27 @@ def run_transfer(
             and r.config.model.arch == key.arch
             and (key.param == "sp" or r.config.param.depth_alpha == key.depth_alpha)
         ]
-        targets = [_target_run(spec, r, target_width, target_depth) for r in seeds]
-        chosen.append((key, lr, cell.value, cell.std, targets))
+        targets = [_target_run(spec, r, *target) for r in seeds]
+        return cls(key, lr, cell.value, cell.std, targets)
 
-    target_spec = dataclasses.replace(
-        spec, name=f"{spec.name}-transfer", runs=[t for *_, ts in chosen for t in ts]
-    )
-    run_sweep(target_spec, executor=executor, workers=workers, address=address, progress=progress)
-    with RunStore(spec.store, create=False) as store:
-        by_id = {row["id"]: row for row in store.rows()}
-    arms = []
-    for key, lr, loss, std, targets in chosen:
-        done = [by_id.get(t.id) for t in targets]
-        arms.append(
-            Arm(
-                optimizer=key.optimizer,
-                param=key.param,
-                depth_alpha=float(key.depth_alpha or 0.0),
-                weight_decay=key.weight_decay,
-                lr=lr,
-                proxy_loss=loss,
-                proxy_std=std,
-                target_losses=[
-                    row["best_val_loss"] if row and row["status"] == "ok" else None for row in done
-                ],
-                target_status=[row["status"] if row else "lost" for row in done],
-                arch=key.arch,
-            )
+    def arm(self, rows: dict[str, dict[str, Any]]) -> Arm:
+        """The transferred setting, its target runs' store rows in ``rows``."""
+        key = self.key
+        done = [rows.get(t.id) for t in self.targets]
+        return Arm(
+            optimizer=key.optimizer,
+            param=key.param,
+            depth_alpha=float(key.depth_alpha or 0.0),
+            weight_decay=key.weight_decay,
+            lr=self.lr,
+            proxy_loss=self.proxy_loss,
+            proxy_std=self.proxy_std,
+            target_losses=[
+                row["best_val_loss"] if row and row["status"] == "ok" else None for row in done
+            ],
+            target_status=[row["status"] if row else "lost" for row in done],
+            arch=key.arch,
         )
-    out = spec.store.parent / f"transfer_{target_width}x{target_depth}.json"
-    write_json(
-        out,
-        {
-            "spec": str(spec.path),
-            "proxy": {"width": p_width, "depth": p_depth},
-            "target": {"width": target_width, "depth": target_depth},
-            "arms": [a.to_json() for a in arms],
-        },
-    )
-    return TransferResult(arms, (p_width, p_depth), (target_width, target_depth), out)
 
 
 def comparison_lines(arms: list[Arm], proxy: tuple[int, int], target: tuple[int, int]) -> list[str]:
