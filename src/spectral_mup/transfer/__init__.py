@@ -12,9 +12,10 @@
 Every run goes through the sweep driver, so it lands in the same store (target runs under
 the sweep name ``<name>-transfer``), is resumable, and is skipped when already stored.
 
-The package, one concept a module: ``runs`` (the proxy runs of a spec and their runs at the
-target), ``simple`` (``run_transfer``: steps 1–4) and ``tuned`` (``run_tuned_transfer``:
-every swept HP tuned, SP tuned at the target, the tuning compute counted).
+The package, one concept a module: ``runs`` (the proxy runs of a spec, their runs at the
+target and how runs train), ``simple`` (``run_transfer``: steps 1–4), ``tuned``
+(``run_tuned_transfer``: every swept HP tuned, SP tuned at the target, the tuning compute
+counted) and ``tuning`` (how one side of it is tuned: rerank, LR line, winner, cost).
 """
 
 from .simple import Arm, TransferResult, comparison_lines, run_transfer
