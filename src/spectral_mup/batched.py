@@ -341,15 +341,12 @@ def _decay_mode(opt: torch.optim.Optimizer) -> tuple[str, bool]:
     """How the optimizer applies weight decay (SliceLR's ``decay`` and ``first_decay``), for
     the optimizers whose update is linear in the LR with LR-free state; NotBatchable for any
     other."""
-    from .optim import ADOPT, Lion
+    from .optim import record_for_class
 
-    if type(opt) in (torch.optim.AdamW, Lion):
-        return "decoupled", True
-    if type(opt) in (torch.optim.SGD, torch.optim.Adam):
-        return "l2", True
-    if type(opt) is ADOPT:  # its first step only initializes v
-        return ("decoupled" if opt.defaults.get("decouple") else "l2"), False
-    raise NotBatchable(f"{type(opt).__name__} steps are not batched (yet): one run per process")
+    stacking = record_for_class(type(opt)).stacking  # ADOPT: by its decouple option
+    if stacking is None:
+        raise NotBatchable(f"{type(opt).__name__} steps are not batched (yet): one run per process")
+    return stacking.mode(opt.defaults)
 
 
 def stacked_optimizer(stacked: Stacked, optimizers: Sequence[torch.optim.Optimizer]) -> SliceLR:
@@ -391,9 +388,11 @@ def _per_run_keys() -> set[tuple[str, str]]:
     import dataclasses
 
     from .config import OptimSection
+    from .optim import RECORDS
 
     optim = {("optim", f.name) for f in dataclasses.fields(OptimSection)}
-    return (optim - {("optim", "name"), ("optim", "hessian_interval")}) | {
+    cadence = {("optim", r.curvature.interval) for r in RECORDS if r.curvature}
+    return (optim - {("optim", "name"), *cadence}) | {
         ("train", "seed"),
         ("train", "out_dir"),
         *(("param", k) for k in ("lr_input", "lr_output", "lr_vector", "init_std", "init_input",
@@ -467,6 +466,7 @@ class _RunSteps:
     as ``train.run`` steps them: any optimizer, Sophia's Hessian estimates included."""
 
     def __init__(self, stacked: Stacked, opts: Sequence[torch.optim.Optimizer], cfgs, rngs):
+        from .optim import get_spec
         from .train import lr_factor
 
         self.stacked, self.opts = stacked, list(opts)
@@ -474,7 +474,7 @@ class _RunSteps:
                        for o, c in zip(opts, cfgs, strict=True)]  # fmt: skip
         self.clip = cfgs[0].train.grad_clip
         self.rngs = rngs  # each run's global-RNG stream (Sophia draws its labels' uniforms)
-        self.every = getattr(opts[0], "hessian_interval", 0)
+        self.every = get_spec(cfgs[0].optim.name).curvature_interval(opts[0])
 
     def zero_grad(self) -> None:
         for o in self.opts:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .errors import ConfigError
 from .fileio import atomic_write, write_json
-from .optim import build_optimizer, resolve_rule
+from .optim import build_optimizer, get_spec, resolve_rule
 from .parametrize import Parametrization
 from .roles import module_layout
 
@@ -192,7 +192,7 @@ def coord_check(
         torch.manual_seed(seed)
         model = build(size, p)
         opt = build_optimizer(optimizer, model, p, lr, **dict(optimizer_kwargs or {}))
-        hessian_every = getattr(opt, "hessian_interval", 0)
+        hessian_every = get_spec(optimizer).curvature_interval(opt)
         if hessian_every and hessian is None:
             raise ConfigError(
                 f"{optimizer} keeps a Hessian estimate: pass coord_check(hessian=...) (e.g. "

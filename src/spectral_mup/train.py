@@ -28,7 +28,7 @@ from .distributed import Context
 from .errors import CheckpointError
 from .fileio import save_torch, write_json
 from .models import build_model as build_bundled
-from .optim import build_optimizer, get_spec
+from .optim import build_optimizer, get_spec, normalize_options
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
@@ -120,13 +120,10 @@ def run_optimizer_options(cfg: RunConfig) -> dict[str, Any]:
     """The [optim] keys the run's optimizer has (its ε under its own name), set in ``cfg``."""
     o = cfg.optim
     spec = get_spec(o.name)
-    options = {}
-    for key in spec.defaults:  # o.eps is the optimizer's eps, whatever the optimizer calls it
-        value = o.eps if key == spec.eps_key else getattr(o, key, None)
-        if value is not None:
-            options[key] = value
-    if "bs" in spec.defaults:  # Sophia: tokens per optimizer step
-        options["bs"] = cfg.train.batch_size * cfg.model.block_size
+    given = {key: getattr(o, key, None) for key in spec.config_keys()}  # o.eps: its ε
+    options = normalize_options(spec, {k: v for k, v in given.items() if v is not None})
+    if spec.curvature and spec.curvature.tokens:  # Sophia: tokens per optimizer step
+        options[spec.curvature.tokens] = cfg.train.batch_size * cfg.model.block_size
     return options
 
 
@@ -332,7 +329,7 @@ def _run(cfg: RunConfig, ctx: Context, log: Callable[[str], None] | None) -> dic
     gen = torch.Generator().manual_seed(t.seed)
     ceiling = t.loss_ceiling or 2.0 * math.log(data.vocab_size)
     hist: dict[str, list] = {"train_loss": [], "lr": [], "val": [], "win_rate": []}
-    hessian_every = getattr(opt, "hessian_interval", 0)  # Sophia's Hessian estimates
+    hessian_every = get_spec(cfg.optim.name).curvature_interval(opt)  # Sophia's Hessian estimates
     state: dict[str, Any] = {
         "iter": 0,
         "best_val": math.inf,

@@ -14,7 +14,6 @@ from .lamb import LAMB
 from .lion import Lion
 from .muon import Muon
 from .registry import (
-    DEFAULT_COORD_LR,
     RECORDS,
     REGISTRY,
     AuxPart,
@@ -35,7 +34,6 @@ from .spectral import SpectralNormalized
 
 __all__ = [
     "ADOPT",
-    "DEFAULT_COORD_LR",
     "LAMB",
     "RECORDS",
     "REGISTRY",
