@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 
 from spectral_mup import rules
-from spectral_mup.cli import COORD_ADAM_LR, COORD_LR, DEFAULT_COORD_LR
 from spectral_mup.coord import model_coord_check
+from spectral_mup.optim import REGISTRY, get_spec
 
 W = (64, 128, 256, 512)
-LR = 3e-3  # AdamW-like LR of the preconditioned optimizers' checks; see cli.COORD_LR
+LR = 3e-3  # AdamW-like LR of the preconditioned optimizers' checks; see the records' coord_lr
 SEED_SETS = ((0, 1, 2), (3, 4, 5), (6, 7, 8))
 
 
@@ -104,10 +104,10 @@ def _depth(arch: str, steps: int = 5, alphas=(1.0, 0.0), model_options=None) -> 
 def _llama(optimizer: str, model_options=None, **optimizer_kwargs) -> dict:
     """The Llama model at widths 64→512 with the CLI's base LR for ``optimizer``."""
     if optimizer == "muon":
-        optimizer_kwargs["adam_lr"] = COORD_ADAM_LR
+        optimizer_kwargs["adam_lr"] = REGISTRY["muon"].aux.coord_lr
     if optimizer == "sophia":
         optimizer_kwargs["hessian_interval"] = 1
-    lr = COORD_LR.get(optimizer, DEFAULT_COORD_LR)
+    lr = get_spec(optimizer).coord_lr
     return _width(
         optimizer,
         lr=lr,
@@ -131,7 +131,9 @@ CHECKS.update(
         "llama-soap": _llama("soap"),
         "llama-spectral-adamw": _llama("adamw", spectral_normalize=True),
         # the sizes tests/test_coord.py checks (widths 64→256: a third of the cost)
-        "llama-adamw-256": _width("adamw", lr=DEFAULT_COORD_LR, sizes=W[:3], arch="llama"),
+        "llama-adamw-256": _width(
+            "adamw", lr=get_spec("adamw").coord_lr, sizes=W[:3], arch="llama"
+        ),
         "llama-muon-fused-gqa-256": dict(
             _llama("muon", model_options={"fused": True, "n_kv_heads": 1}), sizes=W[:3]
         ),

@@ -24,9 +24,9 @@ import transformers
 
 import spectral_mup as smup
 from spectral_mup import hf
-from spectral_mup.cli import COORD_ADAM_LR, COORD_LR, DEFAULT_COORD_LR
 from spectral_mup.coord import coord_check
 from spectral_mup.data import load_dataset
+from spectral_mup.optim import REGISTRY, get_spec
 
 HEAD = 32
 
@@ -77,7 +77,7 @@ def main() -> None:
     print(f"widths {widths}, seeds {seeds}, 5 steps; slope of log RMS change vs log width")
     for arch in args.arch.split(","):
         for name in args.optimizers.split(","):
-            kwargs = {"adam_lr": COORD_ADAM_LR} if name == "muon" else {}
+            kwargs = {"adam_lr": REGISTRY["muon"].aux.coord_lr} if name == "muon" else {}
             start = time.perf_counter()
             report = coord_check(
                 build(arch),
@@ -86,7 +86,7 @@ def main() -> None:
                 batches,
                 loss=hf.causal_lm_loss,
                 optimizer=name,
-                lr=COORD_LR.get(name, DEFAULT_COORD_LR),
+                lr=get_spec(name).coord_lr,
                 optimizer_kwargs=kwargs,
                 taps=hf.coord_taps,
                 seeds=seeds,

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import torch
 
-from spectral_mup.train import train_stacked
 from spectral_mup.config import build_config, load_config
-from spectral_mup.train import run
+from spectral_mup.train import run, train_stacked
 
 
 def configs(width: int, k: int, steps: int, root: Path, tag: str) -> list:

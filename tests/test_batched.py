@@ -1,15 +1,15 @@
-"""Stacked runs (spectral_mup.train.stack, .slices, .stacked) against K separate models and optimizers: the same
-outputs and, step by step, the same weights (float64, so any difference is a bug, not
-rounding)."""
+"""Stacked runs (spectral_mup.train.stack, .slices, .stacked) against K separate models
+and optimizers: the same outputs and, step by step, the same weights (float64, so any
+difference is a bug, not rounding)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from spectral_mup import Parametrization, build_optimizer
+from spectral_mup.models import GPT, GPTConfig, Llama, LlamaConfig
 from spectral_mup.train.slices import stacked_optimizer
 from spectral_mup.train.stack import NotBatchable, stack
-from spectral_mup.models import GPT, GPTConfig, Llama, LlamaConfig
 
 SHAPE = dict(width=32, depth=2, n_heads=2, vocab_size=65, block_size=16)
 
@@ -168,8 +168,7 @@ def _configs(root, optimizer="adamw", lrs=(0.004, 0.016, 50.0), per_run=({}, {},
 
 def _stack_vs_single(tmp_path, optimizer, lrs, mode, per_run=({}, {}, {})):
     """The three runs of ``_configs`` through train.run and as one stack."""
-    from spectral_mup.train import train_stacked
-    from spectral_mup.train import run
+    from spectral_mup.train import run, train_stacked
 
     want = [run(c, log=None) for c in _configs(tmp_path / "single", optimizer, lrs, per_run)]
     cfgs = _configs(tmp_path / "stacked", optimizer, lrs, per_run)
@@ -252,8 +251,8 @@ def test_runs_with_their_own_optimizer_options_stack_per_run(tmp_path):
     """AdamW runs whose betas and ε differ share a stack (train.stacked.PER_RUN_KEYS): auto
     cannot slice them (one optimizer, one set of options), so each run's own optimizer
     steps it; results equal train.run's (measured ≤ 3.4e-8 relative, 1 and 2 threads)."""
-    from spectral_mup.train.stacked import check_stackable, stack_key
     from spectral_mup.config import load_config, replace
+    from spectral_mup.train.stacked import check_stackable, stack_key
 
     per_run = ({}, {"betas": (0.8, 0.99), "eps": 1e-6}, {"eps": 1e-10})
     got, want = _stack_vs_single(tmp_path, "adamw", (0.004, 0.016, 0.008), "auto", per_run)

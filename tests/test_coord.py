@@ -2,7 +2,7 @@
 
 Protocol of the spine issue: GPT depth 2, 2 heads, widths 64→512, 5 steps, 3 seeds,
 Tiny Shakespeare batches (8 × 64 tokens); slopes of the change RMS at the last step; every
-row built as training builds it (σ_b head). Base LRs per optimizer from ``cli.COORD_LR``.
+row built as training builds it (σ_b head). Base LRs per optimizer from its record's ``coord_lr``.
 
 Every bound sits outside the spread measured by ``benchmarks/coord_spread.py`` (three
 seed sets × 1 and 2 threads; docs/measurements.md gives each range). A negative control (a
@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from spectral_mup import Parametrization
-from spectral_mup.cli import COORD_ADAM_LR, COORD_LR, DEFAULT_COORD_LR, main
+from spectral_mup.cli import main
 from spectral_mup.coord import coord_check, model_coord_check
+from spectral_mup.optim import REGISTRY, get_spec
 
 WIDTHS = (64, 128, 256, 512)
 HIDDEN = ("block0.attn", "block0.mlp", "block1.attn", "block1.mlp", "residual")
@@ -40,8 +41,11 @@ def assert_mup_flat_sp_grows(report, sp_groups, bound=0.2):
         assert slopes["sp"][group] >= 0.5, (report.optimizer, group, slopes["sp"][group])
 
 
+COORD_ADAM_LR = REGISTRY["muon"].aux.coord_lr  # Muon's AdamW part
+
+
 def lr_of(optimizer: str) -> float:
-    return COORD_LR.get(optimizer, DEFAULT_COORD_LR)
+    return get_spec(optimizer).coord_lr
 
 
 def mean_hidden(slopes: dict[str, float]) -> float:
@@ -86,7 +90,7 @@ def test_adamw_zero_head_protocol_is_flat_too():
 
 def test_sgd_mup_is_flat_in_width():
     report = model_coord_check(
-        sizes=WIDTHS, optimizer="sgd", lr=COORD_LR["sgd"], seeds=(0, 1, 2), split_terms=()
+        sizes=WIDTHS, optimizer="sgd", lr=lr_of("sgd"), seeds=(0, 1, 2), split_terms=()
     )
     assert_mup_flat_sp_grows(report, HIDDEN)
 

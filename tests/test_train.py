@@ -17,10 +17,10 @@ import torch
 
 from spectral_mup import sweep
 from spectral_mup import train as T
-from spectral_mup.train import loop as TL
 from spectral_mup.config import RunConfig, build_config, load_config
 from spectral_mup.errors import CheckpointError
 from spectral_mup.fileio import write_json
+from spectral_mup.train import loop as TL
 from spectral_mup.train import lr_factor, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,23 +10,6 @@ from pathlib import Path
 
 from .errors import ConfigError, SmupError, import_object
 
-# Coordinate-check LRs at which the base model trains stably for a few steps
-# (3e-3 for every normalized optimizer; SGD needs a raw-gradient LR).
-# Coordinate-check base LRs, per optimizer, chosen by measurement (docs/measurements.md):
-# small enough that 5 steps stay near the linear regime where slopes measure scaling (sign-
-# like updates of 3e-3 move σ_b = 0.02 weights by up to 75% and the μP slopes then spread
-# by ±0.2 across seeds), large enough for LAMB's relative (η·RMS(W)) steps to move the head.
-COORD_LR = {
-    "sgd": 0.1,
-    "muon": 0.02,
-    "lamb": 1e-2,
-    "adopt": 3e-3,
-    "shampoo": 3e-3,
-    "soap": 3e-3,
-}
-DEFAULT_COORD_LR = 1e-3
-COORD_ADAM_LR = 3e-3  # Muon's AdamW part
-
 
 def _ints(text: str) -> list[int]:
     try:
@@ -407,12 +390,12 @@ def _coord_check(args: argparse.Namespace) -> int:
     from .config import model_option, optimizer_option
     from .coord import model_coord_check
     from .fileio import write_json
-    from .optim import get_spec, optimizer_key
+    from .optim import get_spec, normalize_options, optimizer_key
 
     spec = get_spec(args.optimizer)
     optimizer_kwargs = {}
-    if "adam_lr" in spec.defaults:
-        optimizer_kwargs["adam_lr"] = args.adam_lr or COORD_ADAM_LR
+    if spec.aux is not None:  # the LR of its AdamW part (Muon's)
+        optimizer_kwargs[spec.aux.lr] = args.adam_lr or spec.aux.coord_lr
     if args.shape_factor is not None:
         if "shape_factor" not in spec.defaults:
             raise ConfigError(f"--shape-factor applies to muon, not {args.optimizer}")
@@ -420,18 +403,15 @@ def _coord_check(args: argparse.Namespace) -> int:
     if args.spectral_normalize:
         optimizer_kwargs["spectral_normalize"] = True
     for assignment in args.opt:
-        key, value = optimizer_option(assignment)
-        if key == "eps" and spec.eps_key:  # the optimizer's own name for its eps
-            key = spec.eps_key
-        if key not in spec.defaults:
-            raise ConfigError(f"--opt {key} is not an option of {args.optimizer}")
-        optimizer_kwargs[key] = value
-    if "hessian_interval" in spec.defaults:  # Sophia: estimate h every step of a short check
-        optimizer_kwargs.setdefault("hessian_interval", 1)
+        key, value = optimizer_option(assignment)  # eps: the optimizer's own name for its ε
+        unknown = f"--opt {key} is not an option of {args.optimizer}"
+        optimizer_kwargs.update(normalize_options(spec, {key: value}, unknown=unknown))
+    if spec.curvature is not None:  # Sophia: estimate h every step of a short check
+        optimizer_kwargs.setdefault(spec.curvature.interval, 1)
     for name in ("width", "depth", "n_heads", "steps", "seeds", "batch_size", "block_size"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
-    lr = args.lr if args.lr is not None else COORD_LR.get(args.optimizer.lower(), DEFAULT_COORD_LR)
+    lr = args.lr if args.lr is not None else spec.coord_lr
     widths = args.widths or ([] if args.depths else [64, 128, 256, 512])
     common = dict(
         arch=args.arch,

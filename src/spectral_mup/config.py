@@ -17,7 +17,7 @@ from typing import Any
 from .errors import ConfigError
 from .models import ARCHS, GPTConfig, config_class
 from .models.common import DecoderConfig, base_config
-from .optim import get_spec
+from .optim import get_spec, normalize_options
 from .parametrize import ALL_HP_MULTIPLIERS, Parametrization
 
 if sys.version_info >= (3, 11):
@@ -164,6 +164,19 @@ def retarget_model(model: dict[str, Any], from_arch: str) -> dict[str, Any]:
                 f"model does not have; remove it or keep model.arch = {from_arch!r}"
             )
     return out
+
+
+def optimizer_options(cfg: RunConfig) -> dict[str, Any]:
+    """The [optim] keys the run's optimizer has, set in ``cfg``, under the optimizer's own
+    names (``optim.eps`` is its ε, whatever it calls it), and the tokens per step for an
+    optimizer whose curvature estimate takes them (Sophia's ``bs``)."""
+    o = cfg.optim
+    spec = get_spec(o.name)
+    given = {key: getattr(o, key, None) for key in spec.config_keys()}
+    options = normalize_options(spec, {k: v for k, v in given.items() if v is not None})
+    if spec.curvature and spec.curvature.tokens:
+        options[spec.curvature.tokens] = cfg.train.batch_size * cfg.model.block_size
+    return options
 
 
 def model_config(model: DecoderConfig, vocab_size: int) -> DecoderConfig:

@@ -24,10 +24,10 @@ from .data import load_dataset
 from .errors import ConfigError
 from .fileio import atomic_write, write_json
 from .models import build_model, config_class
-from .optim import build_optimizer, resolve_rule
+from .optim import build_optimizer, get_spec, resolve_rule
 from .parametrize import Parametrization
 from .roles import module_layout
-from .train.objective import hessian_interval, loss_fn, update_hessian
+from .train.objective import loss_fn, update_hessian
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -196,7 +196,8 @@ def coord_check(
         torch.manual_seed(seed)
         model = build(size, p)
         opt = build_optimizer(optimizer, model, p, lr, **dict(optimizer_kwargs or {}))
-        if hessian_interval(opt) and hessian is None:
+        hessian_every = get_spec(optimizer).curvature_interval(opt)
+        if hessian_every and hessian is None:
             raise ConfigError(
                 f"{optimizer} keeps a Hessian estimate: pass coord_check(hessian=...) (e.g. "
                 "spectral_mup.train.update_hessian for a language model)"
@@ -208,7 +209,8 @@ def coord_check(
         terms = [f"{g}:{t}" for g in split_terms for t in ("ΔW·x", "W₀·Δx")]
         group_sets.append([*tapped, *terms])
         row = functools.partial(_row, label, size, seed)
-        records += _trajectory(model, opt, tapped, batches, loss, steps, hessian, split_terms, row)
+        records += _trajectory(model, opt, tapped, batches, loss, steps, split_terms, row,
+                               hessian if hessian_every else None, hessian_every)  # fmt: skip
     groups = [g for g in group_sets[0] if all(g in s for s in group_sets)] if group_sets else []
     return CoordReport(
         axis,
@@ -230,15 +232,16 @@ def _trajectory(
     batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
     loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
     steps: int,
-    hessian: Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor], None] | None,
     split_terms: Sequence[str],
     row: Callable[..., dict[str, Any]],
+    hessian: Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor], None] | None,
+    hessian_every: int,
 ) -> list[dict[str, Any]]:
     """One model's rows (``row(step, group, rms, change)``): every tapped group's output
     RMS and change from step 0 on the probe batch ``batches[0]``, at steps 0 … ``steps``,
-    and the split terms of ``split_terms`` (``coord_check``)."""
+    and the split terms of ``split_terms`` (``coord_check``); ``hessian`` refreshes the
+    curvature estimate every ``hessian_every`` steps."""
     records = []
-    hessian_every = hessian_interval(opt)
     outputs: dict[str, torch.Tensor] = {}
     inputs: dict[str, torch.Tensor] = {}
     hooks = [

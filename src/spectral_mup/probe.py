@@ -555,7 +555,7 @@ def probe(
 
     from .data import load_dataset
     from .models import build_model, config_class
-    from .optim import build_optimizer, get_spec, optimizer_key
+    from .optim import build_optimizer, get_spec, normalize_options, optimizer_key
     from .train import loss_fn, update_hessian
 
     start = time.perf_counter()
@@ -567,14 +567,8 @@ def probe(
     spec = get_spec(name)
     name = optimizer_key(name)
     registered = name in rules.OPTIMIZER_RULES
-    options = dict(options or {})
-    if "eps" in options and spec.eps_key not in (None, "eps"):
-        options[spec.eps_key] = options.pop("eps")
-    unknown = sorted(set(options) - set(spec.defaults) - {spec.eps_key})
-    if unknown:
-        raise ConfigError(
-            f"{name} has no option(s) {', '.join(unknown)}; its options: {', '.join(spec.defaults)}"
-        )
+    unknown = f"{name} has no option(s) {{keys}}; its options: {{options}}"
+    options = normalize_options(spec, options or {}, unknown=unknown)
     if len(set(widths)) < 2 or any(int(w) <= 0 for w in widths):
         raise ConfigError(
             f"the probe needs at least two different positive widths, got {list(widths)}"
@@ -588,11 +582,11 @@ def probe(
         depths = []
     depth0 = depths[0] if depths else 2
     run_options = {**options}
-    if "hessian_interval" in spec.defaults:  # Sophia: refresh the estimate every step
-        run_options.setdefault("hessian_interval", 1)
+    if spec.curvature is not None:  # Sophia: refresh the estimate every step
+        run_options.setdefault(spec.curvature.interval, 1)
     aux_roles = rules.rule_for(name).auxiliary if registered else ()
-    if "adam_lr" in spec.defaults:  # the AdamW part moves at the same unit LR
-        run_options["adam_lr"] = lr
+    if spec.aux is not None:  # the AdamW part moves at the same unit LR
+        run_options[spec.aux.lr] = lr
     # every LR multiplier 1 under μP's init and forward multipliers: N = sqrt(fo/fi) for all
     unit = rules.OptimizerRule(
         "probe", {"*": rules.FAMILIES["spectral_normalized"]}, eps=None, auxiliary=aux_roles
@@ -602,8 +596,8 @@ def probe(
         kw = dict(run_options)
         if run.eps is not None:
             kw["eps"] = run.eps
-        if "adam_weight_decay" in spec.defaults:
-            kw["adam_weight_decay"] = run.weight_decay
+        if spec.aux is not None:
+            kw[spec.aux.weight_decay] = run.weight_decay
         return build_optimizer(name, model, p, lr, run.weight_decay, rule=unit,
                                spectral_normalize=spectral_normalize, **kw)  # fmt: skip
 

@@ -299,7 +299,7 @@ class OptimizerRule:
         return replace(self, name=f"spectral({self.name})", families=families, normalized=True)
 
 
-def _shaped(options: Mapping[str, Any]) -> dict[str, UpdateFamily]:
+def shaped_families(options: Mapping[str, Any]) -> dict[str, UpdateFamily]:
     """Muon: an orthogonalized update times a shape factor f has norm model c·f(fan_in, fan_out)."""
     name = options.get("shape_factor", "spectral")
     if name not in SHAPE_FACTORS:
@@ -310,39 +310,21 @@ def _shaped(options: Mapping[str, Any]) -> dict[str, UpdateFamily]:
     return {"hidden": replace(orth, name=f"orthogonalized·{name}", norm=norm)}
 
 
-def _entry(name: str, family: str, source: str, **kw: Any) -> OptimizerRule:
-    return OptimizerRule(name, {"*": FAMILIES[family]}, source=source, **kw)
+def one_family(family: str, source: str) -> OptimizerRule:
+    """A rule with family ``FAMILIES[family]`` for every role, named after the family until
+    its optimizer's record names it (spectral_mup/optim/registry.py)."""
+    return OptimizerRule(family, {"*": FAMILIES[family]}, source=source)
 
 
-# Each optimizer's rule: the family per role (FAMILIES above), the eps rule, the auxiliary
-# roles and the options hook. Adding an optimizer to μP is one record here (plus its
-# registry entry in optim/__init__.py), or a probed rule (``smup probe``).
 ENTRYWISE, ORTHOGONALIZED = FAMILIES["entrywise"], FAMILIES["orthogonalized"]
-# fmt: off
-OPTIMIZER_RULES: dict[str, OptimizerRule] = {r.name: r for r in (
-    _entry("adamw", "entrywise", "m/(sqrt(v)+ε): entries ~±1 (seed paper; RULES.md §3)"),
-    _entry("adopt", "entrywise", "same Ψ as AdamW up to the order of updates (App. C.1)"),
-    _entry("sophia", "entrywise", "clip(m/(ρh), 1): entries bounded by 1, sign-like (App. C.2)"),
-    _entry("lion", "entrywise", "sign(·): every entry ±1"),
-    _entry("lamb", "trust_ratio", "φ(‖W‖)/‖u‖·u (App. C.3; hidden η/sqrt(m) measured)"),
-    _entry("sgd", "raw_gradient", "the μP gradient (Yang, Simon & Bernstein 2023)"),
-    # NS(momentum) on hidden matrices, times the shape factor (default "spectral"); AdamW rest
-    OptimizerRule("muon", {**_shaped({}), "*": ENTRYWISE},
-                  auxiliary=("input", "output", "vector"), configure=_shaped,
-                  source="U·Vᵀ·f(fan_in, fan_out) on hidden matrices (Qiu et al. 2025)"),
-    # e = ¼, unblocked, ungrafted: L^-¼ G R^-¼ ≈ U·Vᵀ (§3); vectors: diagonal AdaGrad; a
-    # damping ε added to G·Gᵀ
-    OptimizerRule("shampoo", {"vector": ENTRYWISE, "*": ORTHOGONALIZED}, eps="gram",
-                  configure=lambda o: {"*": preconditioned_family(
-                      o["grafting"], o["exponents"], o["block_size"])},
-                  source="Qiu et al. 2025 (blocked); grafted: measured (docs/RULES.md)"),
-    # Adam in Shampoo's eigenbasis: unblocked entrywise (measured; §3 says orthogonalized);
-    # blocked: Qiu et al.'s formula. Its ε is compared with rotated gradient entries.
-    OptimizerRule("soap", {"*": ENTRYWISE}, eps="entry",
-                  configure=lambda o: {"*": soap_family(o["block_size"])},
-                  source="measured (docs/RULES.md, SOAP); blocked: Qiu et al. 2025"),
-)}
-# fmt: on
+
+# The rule of every registered optimizer, by name: a view of the optimizer records in
+# spectral_mup/optim/registry.py (one record per optimizer, its rule built from the helpers
+# above), which fill it when spectral_mup is imported, so this module stays free of torch.
+# Lookups go through here: swapping an entry (monkeypatch.setitem) changes the rule that
+# build_optimizer applies. Adding an optimizer to μP is one record there, or a probed rule
+# (``smup probe``).
+OPTIMIZER_RULES: dict[str, OptimizerRule] = {}
 
 
 def rule_for(optimizer: str, options: Mapping[str, Any] | None = None) -> OptimizerRule:

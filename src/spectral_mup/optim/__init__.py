@@ -1,30 +1,33 @@
-"""Optimizers and the registry that maps a name to a class and its μP update family.
+"""Optimizers, one record per optimizer, and ``build_optimizer``.
 
-AdamW and SGD are torch's own; the μP rule of every name lives in
-``spectral_mup.rules.OPTIMIZER_RULES``.
+Every optimizer is one record in ``optim/registry.py`` (class, defaults, ε, μP rule,
+auxiliary AdamW part, curvature estimate, stacking, coordinate-check LR);
+``optim/build.py`` builds one over a model with per-tensor μP groups. AdamW and SGD are
+torch's own. This module re-exports both.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
-import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
-
-import torch
-from torch import nn
-
-from .. import rules
-from ..errors import ConfigError, import_object
-from ..parametrize import Parametrization, param_groups, smup_attr
 from .adopt import ADOPT
+from .build import build_optimizer, fused_option, optimizer_rule, resolve_rule
 from .lamb import LAMB
 from .lion import Lion
 from .muon import Muon
+from .registry import (
+    RECORDS,
+    REGISTRY,
+    AuxPart,
+    Curvature,
+    OptimizerRecord,
+    Stacking,
+    get_spec,
+    normalize_options,
+    optimizer_key,
+    optimizer_names,
+    record_for_class,
+    split_options,
+)
 from .shampoo import Shampoo
-from .sharded import is_sharded
 from .soap import SOAP
 from .sophia import SophiaG
 from .spectral import SpectralNormalized
@@ -32,266 +35,26 @@ from .spectral import SpectralNormalized
 __all__ = [
     "ADOPT",
     "LAMB",
+    "RECORDS",
     "REGISTRY",
     "SOAP",
+    "AuxPart",
+    "Curvature",
     "Lion",
     "Muon",
+    "OptimizerRecord",
     "Shampoo",
     "SophiaG",
     "SpectralNormalized",
+    "Stacking",
     "build_optimizer",
+    "fused_option",
     "get_spec",
+    "normalize_options",
+    "optimizer_key",
+    "optimizer_names",
+    "optimizer_rule",
+    "record_for_class",
+    "resolve_rule",
+    "split_options",
 ]
-
-
-@dataclass(frozen=True)
-class OptimizerSpec:
-    """How to build one registered optimizer."""
-
-    cls: Callable[..., torch.optim.Optimizer]
-    defaults: dict[str, Any] = field(default_factory=dict)
-    eps_key: str | None = None  # name of the Adam-like epsilon hyperparameter, if any
-
-
-REGISTRY: dict[str, OptimizerSpec] = {
-    "adamw": OptimizerSpec(torch.optim.AdamW, {"betas": (0.9, 0.95), "eps": 1e-8}, "eps"),
-    "sgd": OptimizerSpec(torch.optim.SGD, {"momentum": 0.9, "nesterov": False}),
-    "adopt": OptimizerSpec(ADOPT, {"betas": (0.9, 0.9999), "eps": 1e-6, "decouple": True}, "eps"),
-    "lamb": OptimizerSpec(LAMB, {"betas": (0.9, 0.999), "eps": 1e-6}, "eps"),
-    "lion": OptimizerSpec(Lion, {"betas": (0.9, 0.99)}),
-    # lr/weight_decay are the Muon part's; adam_lr/adam_weight_decay the AdamW part's
-    "muon": OptimizerSpec(
-        Muon,
-        {
-            "momentum": 0.95,
-            "nesterov": True,
-            "shape_factor": "spectral",
-            "betas": (0.9, 0.95),
-            "eps": 1e-8,
-            "adam_lr": 3e-4,
-            "adam_weight_decay": 0.0,
-        },
-        "eps",
-    ),
-    "shampoo": OptimizerSpec(
-        Shampoo,
-        {
-            "betas": (0.0, 1.0),
-            "epsilon": 1e-12,
-            "exponents": (0.25, 0.25),
-            "precondition_frequency": 1,
-            "block_size": None,
-            "grafting": "none",
-        },
-        "epsilon",
-    ),
-    "soap": OptimizerSpec(
-        SOAP,
-        {
-            "betas": (0.95, 0.95),
-            "eps": 1e-8,
-            "shampoo_beta": None,
-            "precondition_frequency": 10,
-            "block_size": None,
-        },
-        "eps",
-    ),
-    "sophia": OptimizerSpec(
-        SophiaG, {"betas": (0.965, 0.99), "rho": 0.04, "bs": 5120, "hessian_interval": 10}
-    ),
-}
-assert set(REGISTRY) == set(rules.OPTIMIZER_RULES), "every optimizer needs a scaling rule"
-
-
-def optimizer_key(name: str) -> str:
-    """One spelling per optimizer: registered names are case-free (``AdamW`` = ``adamw``);
-    an import path is kept as written (Python names are case-sensitive)."""
-    return name if "." in name else name.lower()
-
-
-def optimizer_names() -> list[str]:
-    return sorted(REGISTRY)
-
-
-# constructor arguments of torch's optimizers that are implementation switches, not options
-_SWITCHES = {"params", "lr", "weight_decay", "foreach", "maximize", "capturable",
-             "differentiable", "fused"}  # fmt: skip
-
-
-def get_spec(name: str) -> OptimizerSpec:
-    """A registered optimizer, or any ``torch.optim.Optimizer`` subclass by import path
-    (``torch.optim.RAdam``, ``my_pkg.optim.Fancy``): its keyword defaults are its options and
-    an ``eps`` argument is its Adam-like ε."""
-    if name.lower() in REGISTRY:
-        return REGISTRY[name.lower()]
-    if "." not in name:
-        raise ConfigError(
-            f"unknown optimizer {name!r}; use one of: {', '.join(optimizer_names())}, or an "
-            "import path such as torch.optim.RAdam"
-        )
-    return _imported_spec(name)
-
-
-@functools.lru_cache(maxsize=32)
-def _imported_spec(path: str) -> OptimizerSpec:
-    cls = import_object(path, "optimizer")
-    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
-        raise ConfigError(f"{path} is not a torch.optim.Optimizer subclass")
-    params = inspect.signature(cls.__init__).parameters
-    defaults = {
-        k: v.default
-        for k, v in params.items()
-        if k not in _SWITCHES and k != "self" and v.default is not inspect.Parameter.empty
-    }
-    return OptimizerSpec(cls, defaults, "eps" if "eps" in params else None)
-
-
-def optimizer_rule(name: str, options: dict[str, Any]) -> rules.OptimizerRule:
-    """The μP rule of optimizer ``name`` built with ``options``: a registered rule, or the
-    probed rule cached by ``smup probe`` for an imported class (spectral_mup.probe)."""
-    if name.lower() in rules.OPTIMIZER_RULES:
-        try:
-            return rules.rule_for(name.lower()).with_options(options)
-        except ValueError as exc:
-            raise ConfigError(f"bad option for optimizer {name!r}: {exc}") from None
-    from ..probe import cached_rule
-
-    return cached_rule(name, options)
-
-
-# switches that pick torch's implementation of a step: a caller who sets one keeps its choice
-_KERNEL_SWITCHES = ("foreach", "fused", "capturable", "differentiable")
-# torch's optimizers whose fused step runs on CPU and CUDA alike (Adagrad's is CPU-only)
-_FUSED = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
-
-
-def fused_option(
-    cls: type,
-    options: dict[str, Any],
-    groups: list[dict[str, Any]],
-    model: nn.Module | None = None,
-) -> dict[str, bool]:
-    """``{"fused": True}`` for torch's AdamW, Adam and SGD when every parameter is a plain
-    floating-point tensor on a device with fused kernels (CPU included): one kernel per
-    tensor instead of a chain of ``_foreach`` ops, 3.3–5.5× faster AdamW steps on a CPU core
-    (benchmarks/optimizer_step.py --optimizers adamw). nanoGPT enables it on CUDA only;
-    torch defaults to foreach everywhere. Left out when the caller picked a kernel switch,
-    for other optimizers, for FSDP2's sharded (DTensor) parameters and for a ``model`` with
-    a sparse-gradient layer (``nn.Embedding(sparse=True)``: no fused step takes those)."""
-    if cls not in _FUSED or any(k in options for k in _KERNEL_SWITCHES):
-        return {}
-    if model is not None and any(getattr(m, "sparse", False) is True for m in model.modules()):
-        return {}
-    try:  # torch's own list of them (a private helper: without it, no fused step)
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-    except ImportError:
-        return {}
-    devices = _get_fused_kernels_supported_devices()
-    for group in groups:
-        for q in group["params"]:
-            if is_sharded(q) or not q.is_floating_point() or q.device.type not in devices:
-                return {}
-    return {"fused": True}
-
-
-def split_options(spec: OptimizerSpec, kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-    """The optimizer's options over its defaults, and its ε (``eps`` names any optimizer's ε,
-    e.g. Shampoo's damping ``epsilon``), taken out of them."""
-    kwargs = dict(kwargs)
-    if spec.eps_key not in (None, "eps") and "eps" in kwargs:
-        kwargs[spec.eps_key] = kwargs.pop("eps")
-    options = {**spec.defaults, **kwargs}
-    eps = options.pop(spec.eps_key) if spec.eps_key else None
-    return options, eps
-
-
-def resolve_rule(
-    name: str,
-    rule: rules.OptimizerRule | str | None = None,
-    spectral_normalize: bool = False,
-    **kwargs: Any,
-) -> rules.OptimizerRule:
-    """The μP rule ``build_optimizer(name, …, rule=rule, **kwargs)`` applies: ``rule`` (a
-    probed rule's JSON file, or an ``OptimizerRule``), else the registered rule configured by
-    the options, else the probed rule cached for an imported class."""
-    spec = get_spec(name)
-    if rule is None:
-        rule = optimizer_rule(optimizer_key(name), split_options(spec, kwargs)[0])
-    elif not isinstance(rule, rules.OptimizerRule):
-        from ..probe import load_rule
-
-        rule = load_rule(rule)
-    return rule.spectral_normalized() if spectral_normalize else rule
-
-
-def build_optimizer(
-    name: str,
-    model: nn.Module,
-    p: Parametrization,
-    lr: float,
-    weight_decay: float = 0.0,
-    *,
-    roles: dict | None = None,
-    decay_vectors: bool = False,
-    spectral_normalize: bool = False,
-    rule: rules.OptimizerRule | str | None = None,
-    **kwargs: Any,
-) -> torch.optim.Optimizer:
-    """An optimizer over ``model`` with per-tensor μP lr / wd / eps groups.
-
-    ``lr``, ``weight_decay`` and ``eps`` (the optimizer's ε under its own name or as
-    ``eps``, e.g. Shampoo's damping ``epsilon``) are the base model's values; every other keyword
-    goes to the optimizer unchanged (defaults: ``REGISTRY[name].defaults``; ADOPT decouples
-    its weight decay, as when it replaces AdamW). ``spectral_normalize`` wraps the optimizer
-    in ``SpectralNormalized`` (every matrix update rescaled to its target spectral norm; μP
-    LR multipliers 1).
-
-    ``name`` is a registered optimizer or the import path of any optimizer class
-    (``torch.optim.RAdam``), whose rule is ``rule`` — an ``OptimizerRule`` or a JSON file
-    written by ``smup probe`` — or else the probed rule cached for that class and options.
-    """
-    spec = get_spec(name)
-    name = optimizer_key(name)
-    if not lr > 0:
-        raise ConfigError(f"lr must be > 0, got {lr!r}")
-    if weight_decay < 0:
-        raise ConfigError(f"weight_decay must be >= 0, got {weight_decay!r}")
-    options, eps = split_options(spec, kwargs)
-    rule = resolve_rule(name, rule, spectral_normalize, **kwargs)
-    aux = None
-    if "adam_lr" in options:  # an optimizer with an AdamW part (Muon)
-        aux = {"lr": options.pop("adam_lr"), "weight_decay": options.pop("adam_weight_decay")}
-        if not aux["lr"] > 0 or aux["weight_decay"] < 0:
-            raise ConfigError(f"adam_lr must be > 0 and adam_weight_decay >= 0, got {aux}")
-    groups = param_groups(
-        model,
-        p,
-        rule,
-        lr,
-        weight_decay,
-        eps=eps,
-        eps_key=spec.eps_key or "eps",
-        roles=roles,
-        decay_vectors=decay_vectors,
-        aux=aux,
-        splits=smup_attr(model, "smup_splits") if aux is not None else None,
-    )
-    if rule.follows_weight:
-        frozen = [
-            n
-            for g in groups
-            for n, t in zip(g["names"], g["params"], strict=True)
-            if t.ndim >= 2 and not t.any()
-        ]
-        if frozen:
-            warnings.warn(
-                f"{name}: the update is proportional to ‖W‖, so zero-initialized {frozen} "
-                "cannot grow; build the model with zero_init_readout=False (the default)",
-                stacklevel=2,
-            )
-    try:
-        fused = fused_option(spec.cls, options, groups, model)
-        opt = spec.cls(groups, lr=lr, **options, **fused)
-        return SpectralNormalized(opt) if spectral_normalize else opt
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"bad option for optimizer {name!r}: {exc}") from None

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import train
 from ..config import RUNTIME_KEYS as RUNTIME_KEYS_OF_TRAIN
 from ..config import (
     RunConfig,
     build_config,
     fingerprint,
     load_config,
+    optimizer_options,
     resolve_key,
     retarget_model,
     tomllib,
@@ -232,7 +232,7 @@ def _run_config(
         iters = max(1, math.ceil(budget["tokens"] / per_step))
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_iters=iters))
     if "." in cfg.optim.name:  # an imported optimizer: its probed rule must exist now
-        resolve_rule(cfg.optim.name, **train.run_optimizer_options(cfg))
+        resolve_rule(cfg.optim.name, **optimizer_options(cfg))
     return cfg
 
 

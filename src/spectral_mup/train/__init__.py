@@ -4,6 +4,7 @@ divergence, patience, result), the objective (loss, evaluation, Sophia's sampled
 the LR schedule, the run's setup (model, optimizer, FLOPs) and its checkpoints."""
 
 from ..config import LATER_KEYS, RUNTIME_KEYS, fingerprint
+from ..config import optimizer_options as run_optimizer_options
 from .checkpoint import CHECKPOINT, RESULT, SHARDED, WEIGHTS, load_checkpoint
 from .loop import run
 from .objective import eval_generator, evaluate, loss_fn, update_hessian
@@ -13,7 +14,6 @@ from .setup import (
     build_run_optimizer,
     flops_per_token,
     keep_freed_memory,
-    run_optimizer_options,
 )
 from .stack import NotBatchable
 from .stacked import train_stacked

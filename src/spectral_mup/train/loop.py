@@ -24,6 +24,7 @@ from ..data import load_dataset
 from ..distributed import Context
 from ..errors import CheckpointError
 from ..fileio import save_torch, write_json
+from ..optim import get_spec
 from .checkpoint import (
     CHECKPOINT,
     FORMAT,
@@ -33,7 +34,7 @@ from .checkpoint import (
     check_fingerprint,
     load_checkpoint,
 )
-from .objective import evaluate, hessian_interval, loss_fn, update_hessian
+from .objective import evaluate, loss_fn, update_hessian
 from .schedule import lr_factor
 from .setup import autocast, build_model, build_run_optimizer
 from .state import RunState
@@ -93,7 +94,8 @@ class _Run:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor(cfg))
         self.gen = torch.Generator().manual_seed(t.seed)
         self.state = RunState.of(cfg, self.data.vocab_size)
-        self.hessian_every = hessian_interval(self.opt)  # Sophia's curvature estimates
+        # Sophia's curvature estimates
+        self.hessian_every = get_spec(cfg.optim.name).curvature_interval(self.opt)
         if ckpt is not None:
             self._restore(ckpt)
         # the bundled models compile as one graph; DDP splits its graph at gradient buckets

@@ -30,12 +30,6 @@ def run_losses(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
     return flat.view(k, -1).mean(1)
 
 
-def hessian_interval(opt: torch.optim.Optimizer) -> int:
-    """Steps between the optimizer's curvature estimates (Sophia's ``hessian_interval``);
-    0 for an optimizer that keeps none."""
-    return getattr(opt, "hessian_interval", 0)
-
-
 def sample_labels(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Labels drawn from the model's own predictive distribution (the Gauss–Newton–Bartlett
     estimate's labels): for logits ``[..., V]`` and uniforms ``u`` of shape ``[...]``, the

@@ -6,14 +6,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import Any
 
 import torch
 
-from ..config import RunConfig, model_config
+from ..config import RunConfig, model_config, optimizer_options
 from ..data import load_dataset
 from ..models import build_model as build_bundled
-from ..optim import build_optimizer, get_spec
+from ..optim import build_optimizer
 
 
 def keep_freed_memory() -> bool:
@@ -71,23 +70,9 @@ def flops_per_token(cfg: RunConfig, vocab_size: int | None = None) -> float:
     return 6.0 * n + 12.0 * m.depth * m.block_size * m.width
 
 
-def run_optimizer_options(cfg: RunConfig) -> dict[str, Any]:
-    """The [optim] keys the run's optimizer has (its ε under its own name), set in ``cfg``."""
-    o = cfg.optim
-    spec = get_spec(o.name)
-    options = {}
-    for key in spec.defaults:  # o.eps is the optimizer's eps, whatever the optimizer calls it
-        value = o.eps if key == spec.eps_key else getattr(o, key, None)
-        if value is not None:
-            options[key] = value
-    if "bs" in spec.defaults:  # Sophia: tokens per optimizer step
-        options["bs"] = cfg.train.batch_size * cfg.model.block_size
-    return options
-
-
 def build_run_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     o = cfg.optim
-    options = run_optimizer_options(cfg)
+    options = optimizer_options(cfg)
     return build_optimizer(
         o.name,
         model,

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..optim import ADOPT, Lion
+from ..optim import record_for_class
 from .stack import NotBatchable, Stacked
 
 
@@ -109,15 +109,12 @@ _PER_RUN_KEYS = {"params", "names", "lr", "weight_decay", "lr_mult", "initial_lr
 
 def _decay_mode(opt: torch.optim.Optimizer) -> tuple[str, bool]:
     """How the optimizer applies weight decay (SliceLR's ``decay`` and ``first_decay``), for
-    the optimizers whose update is linear in the LR with LR-free state; NotBatchable for any
-    other."""
-    if type(opt) in (torch.optim.AdamW, Lion):
-        return "decoupled", True
-    if type(opt) in (torch.optim.SGD, torch.optim.Adam):
-        return "l2", True
-    if type(opt) is ADOPT:  # its first step only initializes v
-        return ("decoupled" if opt.defaults.get("decouple") else "l2"), False
-    raise NotBatchable(f"{type(opt).__name__} steps are not batched (yet): one run per process")
+    the optimizers whose update is linear in the LR with LR-free state (their record's
+    ``stacking``); NotBatchable for any other."""
+    stacking = record_for_class(type(opt)).stacking  # ADOPT: by its decouple option
+    if stacking is None:
+        raise NotBatchable(f"{type(opt).__name__} steps are not batched (yet): one run per process")
+    return stacking.mode(opt.defaults)
 
 
 def stacked_optimizer(stacked: Stacked, optimizers: Sequence[torch.optim.Optimizer]) -> SliceLR:

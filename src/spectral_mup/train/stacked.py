@@ -22,9 +22,10 @@ import torch
 from ..config import OptimSection, RunConfig
 from ..data import load_dataset
 from ..fileio import save_torch, write_json
+from ..optim import RECORDS, get_spec
 from ..parametrize import ALL_HP_MULTIPLIERS
 from .checkpoint import RESULT, WEIGHTS, load_stack, save_stack
-from .objective import eval_generator, hessian_interval, run_losses, sample_labels
+from .objective import eval_generator, run_losses, sample_labels
 from .schedule import lr_factor
 from .setup import autocast, build_model, build_run_optimizer
 from .slices import clip_per_run, stacked_optimizer
@@ -39,7 +40,8 @@ def _per_run_keys() -> set[tuple[str, str]]:
     seed and run dir, the base init std and the transferable HP multipliers (param groups,
     init, and the forward multipliers as one value per run, ``models.common.PerRun``)."""
     optim = {("optim", f.name) for f in dataclasses.fields(OptimSection)}
-    return (optim - {("optim", "name"), ("optim", "hessian_interval")}) | {
+    cadence = {("optim", r.curvature.interval) for r in RECORDS if r.curvature}
+    return (optim - {("optim", "name"), *cadence}) | {
         ("train", "seed"),
         ("train", "out_dir"),
         *(("param", k) for k in ("init_std", *ALL_HP_MULTIPLIERS)),
@@ -114,7 +116,7 @@ class _RunSteps:
                        for o, c in zip(opts, cfgs, strict=True)]  # fmt: skip
         self.clip = cfgs[0].train.grad_clip
         self.rngs = rngs  # each run's global-RNG stream (Sophia draws its labels' uniforms)
-        self.every = hessian_interval(opts[0])
+        self.every = get_spec(cfgs[0].optim.name).curvature_interval(opts[0])
 
     def zero_grad(self) -> None:
         for o in self.opts:
