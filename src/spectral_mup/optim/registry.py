@@ -2,7 +2,7 @@
 
 A record holds the optimizer's class and default options, the name of its ε, its μP rule
 (``rules.OptimizerRule``, built from the families and helpers of ``spectral_mup.rules``),
-its auxiliary AdamW part, its curvature estimate, how ``batched.SliceLR`` stacks it and its
+its auxiliary AdamW part, its curvature estimate, how ``train.slices.SliceLR`` stacks it and its
 coordinate-check LR. Adding an optimizer is adding one record to ``RECORDS`` (plus an
 ``[optim]`` key in ``config.OptimSection`` for an option no other optimizer has:
 tests/test_registry.py fails without it). ``rules.OPTIMIZER_RULES`` is a view of the
@@ -63,7 +63,7 @@ class Curvature:
 
 @dataclass(frozen=True)
 class Stacking:
-    """How ``batched.SliceLR`` steps K stacked runs of an optimizer whose update is linear in
+    """How ``train.slices.SliceLR`` steps K stacked runs of an optimizer whose update is linear in
     the LR with LR-free state: its weight ``decay`` ("decoupled": p·(1 − lr·λ); "l2": λ·p
     added to the gradient), "decoupled" instead where the option ``decoupled_by`` is true
     (ADOPT's ``decouple``), and ``first_decay``: whether its first step decays (ADOPT's
@@ -90,7 +90,7 @@ class OptimizerRecord:
     among them (any optimizer's ε is given as ``eps``), ``rule`` its μP rule (named after
     the record; None: probed, for a class given by import path). ``aux``, ``curvature`` and
     ``stacking`` are None where the optimizer has no auxiliary AdamW part, keeps no
-    curvature estimate, or cannot be stacked by ``batched.SliceLR``."""
+    curvature estimate, or cannot be stacked by ``train.slices.SliceLR``."""
 
     name: str
     cls: Callable[..., torch.optim.Optimizer]
@@ -224,7 +224,7 @@ def optimizer_names() -> list[str]:
 # constructor arguments of torch's optimizers that are implementation switches, not options
 _SWITCHES = {"params", "lr", "weight_decay", "foreach", "maximize", "capturable",
              "differentiable", "fused"}  # fmt: skip
-# the classes given by import path that batched.SliceLR stacks (the registered ones: above)
+# the classes given by import path that train.slices.SliceLR stacks (the registered ones: above)
 _TORCH_STACKING = {torch.optim.AdamW: DECOUPLED, torch.optim.Adam: L2, torch.optim.SGD: L2}
 
 
