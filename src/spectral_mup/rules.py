@@ -316,7 +316,7 @@ def _entry(name: str, family: str, source: str, **kw: Any) -> OptimizerRule:
 
 # Each optimizer's rule: the family per role (FAMILIES above), the eps rule, the auxiliary
 # roles and the options hook. Adding an optimizer to μP is one record here (plus its
-# registry entry in optim/__init__.py), or a probed rule (``smup probe``).
+# registry entry in optim/registry.py), or a probed rule (``smup probe``).
 ENTRYWISE, ORTHOGONALIZED = FAMILIES["entrywise"], FAMILIES["orthogonalized"]
 # fmt: off
 OPTIMIZER_RULES: dict[str, OptimizerRule] = {r.name: r for r in (
