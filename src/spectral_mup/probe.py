@@ -17,7 +17,7 @@ gradient × s), the eps rule (which scaling of ε — none, s or s² — keeps t
 homogeneous), whether weight decay is torch-style lr·λ·W or sits inside the normalized
 direction, and whether the update follows ‖W‖; in-block updates at several depths give k a
 second time. Each role's exponents are matched to the nearest known family
-(``_candidates``); a role that no family fits within ``tolerance`` gets a
+(``known_families``); a role that no family fits within ``tolerance`` gets a
 ``rules.fitted_family``. The result is a ``rules.OptimizerRule`` like the registered ones,
 cached as JSON, so that ``build_optimizer("torch.optim.RAdam", …)`` uses it at once.
 """
@@ -26,9 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import functools
-import hashlib
-import json
 import math
 import os
 import statistics
@@ -45,9 +42,38 @@ from tqdm import tqdm
 from . import rules
 from .errors import ConfigError
 from .fileio import atomic_write, write_json
+from .optim.probed import (
+    FORMAT,
+    cache_path,
+    cached_rule,
+    jsonable,
+    known_families,
+    load_rule,
+    rule_from_json,
+    rule_to_json,
+)
+from .optim.registry import full_options
 from .parametrize import Parametrization, canonical_name, smup_attr
 
-FORMAT = "spectral-mup-rule-v1"
+__all__ = [
+    "FORMAT",
+    "GROUPS",
+    "ProbeResult",
+    "cache_path",
+    "cached_rule",
+    "derive_rule",
+    "full_options",
+    "known_families",
+    "load_rule",
+    "predicted_exponents",
+    "probe",
+    "rule_from_json",
+    "rule_to_json",
+    "spectral_norm",
+]
+
+_candidates = known_families  # its name before optim.probed
+
 GROUPS = ("input", "hidden", "output", "vector (block)", "vector")
 GRAD_SCALE = 8.0  # s in update(s·g) = s^k·update(g)
 _TOL_HOMOGENEOUS = 0.02  # relative change of the update below this: homogeneous
@@ -358,7 +384,7 @@ class ProbeResult:
             "format": FORMAT,
             **{k: v for k, v in self.__dict__.items() if k not in ("rule", "records")},
         }
-        out["options"] = _jsonable(self.options)
+        out["options"] = jsonable(self.options)
         out["rule"] = rule_to_json(self.rule) if self.rule is not None else None
         out["records"] = self.records
         return out
@@ -422,10 +448,6 @@ class ProbeResult:
         return path
 
 
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
 # ---------------------------------------------------------------------- families, rules
 
 
@@ -435,28 +457,6 @@ def _path_exponent(
     """The width exponent a family predicts along one tensor's path (its fans at each width)."""
     ys = [family.norm(t.fan_in, t.fan_out, t.forward, t.role) for t in path]
     return _slope(widths, ys)
-
-
-def _candidates(
-    optimizer: str | None = None, options: Mapping[str, Any] | None = None
-) -> dict[str, rules.UpdateFamily]:
-    """The known families a probed role is compared with, in order of preference for ties:
-    rules.FAMILIES with Muon's shaped orthogonalized update beside the plain one, and
-    Adam-grafted Shampoo's (unblocked); for a registered ``optimizer``, last, the families
-    its own rule gives with ``options`` (blocked Shampoo's Kronecker family, …)."""
-    fams = rules.FAMILIES
-    muon = rules.rule_for("muon").family("hidden")
-    grafted = rules.grafted_family()
-    order = [fams["entrywise"], fams["orthogonalized"], muon, fams["trust_ratio"],
-             fams["spectral_normalized"], fams["raw_gradient"], grafted]  # fmt: skip
-    assert {f.name for f in order} >= set(fams), "a family is missing from the probe's list"
-    if optimizer in rules.OPTIMIZER_RULES:
-        own = rules.rule_for(optimizer, full_options(optimizer, options or {}))
-        order += [own.family(r) for r in rules.ROLES]
-    out: dict[str, rules.UpdateFamily] = {}
-    for f in order:  # a name seen before keeps its place
-        out.setdefault(f.name, f)
-    return out
 
 
 def _family_exponents(
@@ -793,7 +793,7 @@ def probe(
     bar.close()
 
     result = ProbeResult(
-        name, _jsonable(options), widths, depths, list(seeds), steps, lr, exponents,
+        name, jsonable(options), widths, depths, list(seeds), steps, lr, exponents,
         data_exponents, depth_exponents, k, eps_rule, eps_response, decay_ratio,
         weight_ratio, {}, {},
         records=records, model=model_name,
@@ -871,7 +871,7 @@ def _decay_ratio(tensors, plain, decayed, lr: float, lam: float) -> float:
 def derive_rule(result: ProbeResult, *, tolerance: float = 0.2) -> rules.OptimizerRule:
     """The rule the measurements imply: per role the nearest known family of the same
     gradient degree k when its exponents are within ``tolerance`` (ties: the first in
-    ``_candidates`` — equal exponents give equal LR rules), else a fitted family; the
+    ``known_families`` — equal exponents give equal LR rules), else a fitted family; the
     measured weight-decay and ‖W‖ behaviour replace the family's. A registered optimizer
     keeps its auxiliary roles (Muon's AdamW part). Fills ``result.nearest`` and
     ``result.families``."""
@@ -879,7 +879,7 @@ def derive_rule(result: ProbeResult, *, tolerance: float = 0.2) -> rules.Optimiz
     aux_roles = rules.rule_for(result.optimizer).auxiliary if registered else ()
     paths = _paths(result.records, result.widths)
     k = result.k[0]
-    cands = _candidates(result.optimizer, result.options)
+    cands = known_families(result.optimizer, result.options)
     order = list(cands)
     predicted = {n: _family_exponents(f, paths, result.widths) for n, f in cands.items()}
     measured = {g: e for g, (e, _) in result.exponents.items()}
@@ -925,110 +925,3 @@ def derive_rule(result: ProbeResult, *, tolerance: float = 0.2) -> rules.Optimiz
         "source": f"smup probe (widths {result.widths}, seeds {result.seeds})",
     }
     return rule_from_json(data)
-
-
-# ------------------------------------------------------------------------ JSON and cache
-
-
-def rule_to_json(rule: rules.OptimizerRule) -> dict[str, Any]:
-    """A probed rule as JSON: per role a known family's name (with the measured decay and
-    ‖W‖ behaviour) or a fitted family's exponents."""
-    if not rule.measured or "json" not in rule.measured:
-        raise ConfigError(f"{rule.name}: only a probed rule has a JSON form")
-    return dict(rule.measured["json"])
-
-
-def _family_from_json(
-    entry: Mapping[str, Any], known: Mapping[str, rules.UpdateFamily]
-) -> rules.UpdateFamily:
-    if "fitted" in entry:
-        f = entry["fitted"]
-        return rules.fitted_family(
-            f["exponents"], f["k"], eps_follows_grad=f["eps_follows_grad"],
-            decay_in_direction=f["decay_in_direction"], follows_weight=f["follows_weight"],
-        )  # fmt: skip
-    if entry.get("known") not in known:
-        raise ConfigError(f"a rule file names an unknown family {entry.get('known')!r}")
-    fam = known[entry["known"]]
-    flags = {
-        k: bool(entry.get(k, getattr(fam, k))) for k in ("decay_in_direction", "follows_weight")
-    }
-    if flags == {k: getattr(fam, k) for k in flags}:
-        return fam
-    notes = [n for k, n in (("decay_in_direction", "λ inside"), ("follows_weight", "∝‖W‖"))
-             if flags[k]]  # fmt: skip
-    return replace(fam, name=f"{fam.name} [measured: {', '.join(notes) or 'torch-style decay'}]",
-                   **flags)  # fmt: skip
-
-
-def rule_from_json(data: Mapping[str, Any]) -> rules.OptimizerRule:
-    """The ``rules.OptimizerRule`` of a probed rule's JSON form (``rule_to_json``)."""
-    try:
-        known = _candidates(data["name"], data.get("options"))
-        families = {r: _family_from_json(data["families"][r], known) for r in rules.ROLES}
-        return rules.OptimizerRule(
-            data["name"], families, eps=dict(data["eps"]),
-            auxiliary=tuple(data.get("auxiliary", ())), source=data.get("source", ""),
-            measured={"json": dict(data)},
-        )  # fmt: skip
-    except (KeyError, TypeError) as exc:
-        raise ConfigError(f"a rule file lacks {exc}; write it again with smup probe") from None
-
-
-def load_rule(path: str | os.PathLike) -> rules.OptimizerRule:
-    """The rule in a JSON file written by ``smup probe`` (``ProbeResult.save_json``), parsed
-    once per file version: a sweep resolves it for every run, a probe file holds every
-    measurement (hundreds of kB)."""
-    path = Path(path)
-    try:
-        st = path.stat()
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read the rule file {path} ({exc}); write it with smup probe"
-        ) from None
-    return _load_rule(str(path.resolve()), st.st_mtime_ns, st.st_size)
-
-
-@functools.lru_cache(maxsize=32)
-def _load_rule(path: str, mtime_ns: int, size: int) -> rules.OptimizerRule:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"cannot read the rule file {path} ({exc}); write it with smup probe"
-        ) from None
-    if data.get("format") != FORMAT or "rule" not in data:
-        raise ConfigError(
-            f"{path} is not a probed rule (format {FORMAT}); write it with smup probe"
-        )
-    return rule_from_json(data["rule"])
-
-
-def cache_path(optimizer: str, options: Mapping[str, Any]) -> Path:
-    """Where the probed rule of ``optimizer`` with ``options`` (its full option set, eps
-    excluded) is cached: ``$XDG_CACHE_HOME/spectral-mup/probes/<name>-<hash>.json``."""
-    from .data import cache_dir
-
-    key = json.dumps(_jsonable(dict(options)), sort_keys=True)
-    digest = hashlib.sha256(f"{optimizer}\n{key}".encode()).hexdigest()[:12]
-    safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in optimizer)
-    return cache_dir() / "probes" / f"{safe}-{digest}.json"
-
-
-def cached_rule(optimizer: str, options: Mapping[str, Any]) -> rules.OptimizerRule:
-    """The cached probed rule of an imported optimizer, or a one-line error naming the fix."""
-    path = cache_path(optimizer, options)
-    if not path.exists():
-        raise ConfigError(
-            f"no μP rule for optimizer {optimizer!r} with these options: run `smup probe "
-            f"--optimizer {optimizer}` (with the same --opt options) or pass rule=<json>"
-        )
-    return load_rule(path)
-
-
-def full_options(optimizer: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """``options`` over the optimizer's defaults, without its ε: the cache key, as
-    ``build_optimizer`` forms it."""
-    from .optim import get_spec, split_options
-
-    return split_options(get_spec(optimizer), dict(options))[0]

@@ -19,9 +19,11 @@ from .adopt import ADOPT
 from .lamb import LAMB
 from .lion import Lion
 from .muon import Muon
+from .probed import cached_rule, load_rule
 from .registry import (
     REGISTRY,
     OptimizerSpec,
+    full_options,
     get_spec,
     optimizer_key,
     optimizer_names,
@@ -45,7 +47,10 @@ __all__ = [
     "SophiaG",
     "SpectralNormalized",
     "build_optimizer",
+    "cached_rule",
+    "full_options",
     "get_spec",
+    "load_rule",
     "optimizer_key",
     "optimizer_names",
     "split_options",
@@ -54,14 +59,12 @@ __all__ = [
 
 def optimizer_rule(name: str, options: dict[str, Any]) -> rules.OptimizerRule:
     """The μP rule of optimizer ``name`` built with ``options``: a registered rule, or the
-    probed rule cached by ``smup probe`` for an imported class (spectral_mup.probe)."""
+    probed rule cached by ``smup probe`` for an imported class (optim/probed.py)."""
     if name.lower() in rules.OPTIMIZER_RULES:
         try:
             return rules.rule_for(name.lower()).with_options(options)
         except ValueError as exc:
             raise ConfigError(f"bad option for optimizer {name!r}: {exc}") from None
-    from ..probe import cached_rule
-
     return cached_rule(name, options)
 
 
@@ -113,8 +116,6 @@ def resolve_rule(
     if rule is None:
         rule = optimizer_rule(optimizer_key(name), split_options(spec, kwargs)[0])
     elif not isinstance(rule, rules.OptimizerRule):
-        from ..probe import load_rule
-
         rule = load_rule(rule)
     return rule.spectral_normalized() if spectral_normalize else rule
 

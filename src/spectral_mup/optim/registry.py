@@ -1,5 +1,5 @@
 """The optimizer registry: a name (registered, or any optimizer class's import path) to the
-class, its default options and its ε.
+class, its default options and its ε, and an optimizer's full option set.
 
 The μP rule of every registered name lives in ``spectral_mup.rules.OPTIMIZER_RULES``.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,3 +136,9 @@ def split_options(spec: OptimizerSpec, kwargs: dict[str, Any]) -> tuple[dict[str
     options = {**spec.defaults, **kwargs}
     eps = options.pop(spec.eps_key) if spec.eps_key else None
     return options, eps
+
+
+def full_options(optimizer: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` over the optimizer's defaults, without its ε: the cache key, as
+    ``build_optimizer`` forms it."""
+    return split_options(get_spec(optimizer), dict(options))[0]
