@@ -40,7 +40,7 @@ def test_sweep_specs_load(path: Path, monkeypatch) -> None:
         optimizer = str(e.value).split("--optimizer ")[1].split("`")[0]
         assert optimizer in path.read_text()
         monkeypatch.setattr(
-            importlib.import_module("spectral_mup.probe"),  # the module, not smup.probe()
+            importlib.import_module("spectral_mup.optim.build"),  # where optimizer_rule looks it up
             "cached_rule",
             lambda name, options: rules.rule_for("adamw"),
         )

@@ -12,6 +12,7 @@ from torch import nn
 from .. import rules
 from ..errors import ConfigError
 from ..parametrize import Parametrization, param_groups, smup_attr
+from .probed import cached_rule, load_rule
 from .registry import OptimizerRecord, get_spec, optimizer_key, split_options
 from .sharded import is_sharded
 from .spectral import SpectralNormalized
@@ -19,14 +20,12 @@ from .spectral import SpectralNormalized
 
 def optimizer_rule(name: str, options: dict[str, Any]) -> rules.OptimizerRule:
     """The μP rule of optimizer ``name`` built with ``options``: a registered rule, or the
-    probed rule cached by ``smup probe`` for an imported class (spectral_mup.probe)."""
+    probed rule cached by ``smup probe`` for an imported class (``optim/probed.py``)."""
     if name.lower() in rules.OPTIMIZER_RULES:
         try:
             return rules.rule_for(name.lower()).with_options(options)
         except ValueError as exc:
             raise ConfigError(f"bad option for optimizer {name!r}: {exc}") from None
-    from ..probe import cached_rule
-
     return cached_rule(name, options)
 
 
@@ -78,8 +77,6 @@ def resolve_rule(
     if rule is None:
         rule = optimizer_rule(optimizer_key(name), split_options(spec, kwargs)[0])
     elif not isinstance(rule, rules.OptimizerRule):
-        from ..probe import load_rule
-
         rule = load_rule(rule)
     return rule.spectral_normalized() if spectral_normalize else rule
 

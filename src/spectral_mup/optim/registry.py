@@ -316,3 +316,9 @@ def split_options(
     options = normalize_options(record, given, defaults=True)
     eps = options.pop(record.eps_key) if record.eps_key else None
     return options, eps
+
+
+def full_options(optimizer: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` over the optimizer's defaults, without its ε: a probed rule's cache key,
+    as ``build_optimizer`` forms it."""
+    return split_options(get_spec(optimizer), dict(options))[0]
