@@ -147,10 +147,12 @@ def _trajectory(
     hessian: Callable | None,
     run: Run,
     probe_x: torch.Tensor,
+    curvature_interval: Callable[[torch.optim.Optimizer], int] = lambda opt: 0,
 ) -> Trajectory:
     """Train ``len(batches)`` steps; for each step after the first ``run.skip``, every
     tensor's (norm, norm on the data, RMS) (``_norm_of``, inputs from ``probe_x``) and, with
-    ``run.keep``, the updates and the weights they were applied to."""
+    ``run.keep``, the updates and the weights they were applied to; ``hessian`` refreshes a
+    curvature estimate every ``curvature_interval(opt)`` steps (the optimizer's record)."""
     model = build()
     if run.weight_scale != 1.0:
         with torch.no_grad():
@@ -171,7 +173,7 @@ def _trajectory(
         if t.role != "vector" and owner in modules and owner not in inputs:
             inputs[owner] = None  # type: ignore[assignment]
             hooks.append(modules[owner].register_forward_pre_hook(_keep_input(inputs, owner)))
-    hessian_every = getattr(opt, "hessian_interval", 0)
+    hessian_every = curvature_interval(opt)
     norms, kept = [], []
     for step, (x, y) in enumerate(batches, start=1):
         with torch.no_grad():
@@ -230,7 +232,8 @@ def trajectory(
         batches = setup.batches_for(seed)[: run.skip + setup.steps]
         return _trajectory(lambda: setup.build(width, depth, p, seed),
                            lambda m, r: setup.make_optimizer(m, r, p), p,
-                           batches, setup.loss, setup.hessian, run, setup.probe_x)  # fmt: skip
+                           batches, setup.loss, setup.hessian, run, setup.probe_x,
+                           setup.spec.curvature_interval)  # fmt: skip
 
 
 def init_eps(setup: ProbeSetup) -> tuple[float, float]:
