@@ -277,7 +277,7 @@ class _StackRun:
                 s.record_step(lr, v)
         return True
 
-    def eval(self, done: int) -> None:
+    def eval(self) -> None:
         vals = self.evaluate()
         for i, s in enumerate(self.states):
             if s.active:
@@ -293,7 +293,7 @@ class _StackRun:
                 break
             done = it + 1
             if done % t.eval_interval == 0 or done == t.max_iters:
-                self.eval(done)
+                self.eval()
             if self.ckpt_path is not None and done % ckpt_every == 0 and done < t.max_iters:
                 self.save(done, start)
         self.elapsed = self.elapsed0 + time.perf_counter() - start

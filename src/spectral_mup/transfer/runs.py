@@ -1,6 +1,6 @@
 """Proxy and target runs: which runs of a spec are the proxy, and each one's run at the target
 size, placed in the spec's store and run dirs like any run of a sweep; how they train
-(``Sweeper``); and what a transferred setting shows at the target (``_AtTarget``)."""
+(``Sweeper``); and what a transferred setting shows at the target (``AtTarget``)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from ..store import RunStore
 from ..sweep import Run, SweepSpec, load_spec, run_id, run_sweep
 
 
-class _AtTarget:
+class AtTarget:
     """What the target runs of a transferred setting show (``target_losses``, per seed)."""
 
     target_losses: list[float | None]
@@ -50,7 +50,7 @@ def _proxy_runs(spec: SweepSpec, width: int | None, depth: int | None) -> list[R
     return [r for r in spec.runs if (r.config.model.width, r.config.model.depth) == (width, depth)]
 
 
-def _placed(spec: SweepSpec, cfg: RunConfig, point: dict[str, Any]) -> Run:
+def placed(spec: SweepSpec, cfg: RunConfig, point: dict[str, Any]) -> Run:
     """``cfg`` as a run of ``spec``: its own id and run dir under the spec's out_dir."""
     rid = run_id(cfg)
     cfg = dataclasses.replace(
@@ -59,12 +59,12 @@ def _placed(spec: SweepSpec, cfg: RunConfig, point: dict[str, Any]) -> Run:
     return Run(rid, cfg, point)
 
 
-def _target_run(spec: SweepSpec, proxy: Run, width: int, depth: int) -> Run:
+def target_run(spec: SweepSpec, proxy: Run, width: int, depth: int) -> Run:
     cfg = dataclasses.replace(proxy.config, model=proxy.config.model.resized(width, depth))
-    return _placed(spec, cfg, {**proxy.point, "width": width, "depth": depth})
+    return placed(spec, cfg, {**proxy.point, "width": width, "depth": depth})
 
 
-def _prepare(
+def prepare(
     spec_path: str | Path,
     target_width: int,
     target_depth: int | None,
@@ -85,7 +85,7 @@ def _prepare(
     if sp and "sp" not in kinds:
         raise ConfigError(f"--sp needs SP runs in {spec.path}; add 'sp' to the grid's param")
     for proxy in proxies:
-        _target_run(spec, proxy, target_width, depth)
+        target_run(spec, proxy, target_width, depth)
     return spec, proxies, depth
 
 

@@ -13,11 +13,11 @@ from ..errors import ConfigError
 from ..fileio import write_json
 from ..report import Study, StudyKey, build_studies
 from ..sweep import Run, SweepSpec
-from .runs import Sweeper, _AtTarget, _prepare, _target_run
+from .runs import AtTarget, Sweeper, prepare, target_run
 
 
 @dataclass(frozen=True)
-class Arm(_AtTarget):
+class Arm(AtTarget):
     """One transferred setting: the proxy's optimum and the target's result with it."""
 
     optimizer: str
@@ -57,7 +57,7 @@ def run_transfer(
     progress: bool = True,
 ) -> TransferResult:
     """Steps 1–4 of the package docstring."""
-    spec, proxies, target_depth = _prepare(
+    spec, proxies, target_depth = prepare(
         spec_path, target_width, target_depth, proxy_width, proxy_depth, sp
     )
     p_width, p_depth = proxies[0].config.model.width, proxies[0].config.model.depth
@@ -124,7 +124,7 @@ class _Choice:
             and r.config.model.arch == key.arch
             and (key.param == "sp" or r.config.param.depth_alpha == key.depth_alpha)
         ]
-        targets = [_target_run(spec, r, *target) for r in seeds]
+        targets = [target_run(spec, r, *target) for r in seeds]
         return cls(key, lr, cell.value, cell.std, targets)
 
     def arm(self, rows: dict[str, dict[str, Any]]) -> Arm:

@@ -14,12 +14,12 @@ from ..errors import ConfigError
 from ..fileio import write_json
 from ..report.data import flat_config, hp_text
 from ..sweep import Run, SweepSpec, load_spec
-from .runs import Sweeper, _AtTarget, _prepare, _target_run
+from .runs import AtTarget, Sweeper, prepare, target_run
 from .tuning import Cost, Outcome, Rows, Side, Tuner, split
 
 
 @dataclass(frozen=True)
-class Tuned(_AtTarget):
+class Tuned(AtTarget):
     """One side of a tuned transfer: its best configuration, where it was tuned, its losses
     and what the tuning cost."""
 
@@ -144,7 +144,7 @@ def run_tuned_transfer(
         raise ConfigError(
             "--rerank, --refine-lr and --eval-seeds take counts ≥ 0, --rerank-seeds ≥ 1"
         )
-    spec, proxies, target_depth = _prepare(
+    spec, proxies, target_depth = prepare(
         spec_path, target_width, target_depth, proxy_width, proxy_depth, sp and sp_spec is None
     )
     p_width, p_depth = proxies[0].config.model.width, proxies[0].config.model.depth
@@ -192,7 +192,7 @@ def _sp_candidates(
         if len(sizes) > 1:
             raise ConfigError(f"{sp_from.path} sweeps several sizes {sorted(sizes)}; keep one")
     sp_pool = proxies if sp_spec is None else sp_from.runs
-    sp_targets = [_target_run(sp_from, r, *target)
+    sp_targets = [target_run(sp_from, r, *target)
                   for r in sp_pool if r.config.param.kind == "sp"] if sp else []  # fmt: skip
     if sp and not sp_targets:
         raise ConfigError(f"{sp_from.path} has no SP runs (grid param); add param = ['sp']")
@@ -211,7 +211,7 @@ def _mup_sides(
     seeds, or with none on the seeds it was tuned on."""
     sweeper = tuner.sweeper
     tuned = tuner.tune(spec, spec.name, split(mup), sweeper.sweep(mup, spec.name, spec))
-    finals = {side: [_target_run(spec, r, *target) for r in outcome.measured(spec, fresh)]
+    finals = {side: [target_run(spec, r, *target) for r in outcome.measured(spec, fresh)]
               for side, outcome in tuned.items()}  # fmt: skip
     runs = [t for ts in finals.values() for t in ts]
     target_rows = sweeper.sweep(runs, f"{spec.name}-transfer", spec)

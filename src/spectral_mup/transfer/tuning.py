@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..sweep import Run, SweepSpec, run_id
-from .runs import Sweeper, _placed
+from .runs import Sweeper, placed
 
 Rows = dict[str, dict[str, Any]]  # store rows by run id
 
@@ -193,4 +193,4 @@ def _variant(spec: SweepSpec, run: Run, *, seed: int | None = None, lr: float | 
     point = {**run.point, **({} if seed is None else {"seed": seed})}
     if lr is not None:
         point["optim.lr" if "optim.lr" in point else "lr"] = lr
-    return _placed(spec, dataclasses.replace(cfg, train=train, optim=optim), point)
+    return placed(spec, dataclasses.replace(cfg, train=train, optim=optim), point)
